@@ -1,0 +1,135 @@
+"""The command line: one table of verbs, each a module's main().
+
+Config verbs take an optional YAML file and `--section.key value` overrides:
+    tunesmith finetune run.yaml --train.max_steps 30
+A user error prints one line per problem and exits with code 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tunesmith import config as config_module
+from tunesmith.errors import ConfigError, TunesmithError
+
+
+def _prepare(cfg):
+    from tunesmith.data import prepare
+
+    return prepare.main(cfg)
+
+
+def _finetune(cfg):
+    from tunesmith import finetune
+
+    return finetune.main(cfg)
+
+
+def _evaluate(cfg):
+    from tunesmith.evaluate import compare
+
+    return compare.main(cfg)
+
+
+def _generate(argv):
+    from tunesmith.infer import generate
+
+    return generate.main(argv)
+
+
+def _demo(argv):
+    from tunesmith import demo
+
+    return demo.main(argv)
+
+
+# verb → (entry point, takes a config?, one-line description)
+VERBS = {
+    "prepare": (_prepare, True, "clean, split, template and tokenize the data into <run>/data"),
+    "finetune": (_finetune, True, "train (LoRA or full) and write checkpoints, metrics and curves"),
+    "evaluate": (_evaluate, True, "base vs fine-tuned on held-out rows: loss, exact match, F1"),
+    "generate": (_generate, False, "answer a prompt with a base model or a fine-tuned run"),
+    "demo": (_demo, False, "the built-in end-to-end demo: evaluate, fine-tune, evaluate again"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tunesmith VERB [CONFIG] [--section.key value ...]", "", "verbs:"]
+    lines += [f"  {name:9} {doc}" for name, (_, _, doc) in VERBS.items()]
+    lines += ["", "`tunesmith VERB --help` lists every config key with its default and meaning."]
+    return "\n".join(lines)
+
+
+def config_help(verb: str) -> str:
+    lines = [f"usage: tunesmith {verb} [CONFIG.yaml | RUN_DIR] [--section.key value ...]", "",
+             VERBS[verb][2], "", "config keys (YAML or --key value):"]
+    for key, default, doc in config_module.field_docs():
+        lines.append(f"  --{key:32} {doc} [default: {default}]")
+    return "\n".join(lines)
+
+
+def load_config(args: list[str]):
+    """[CONFIG | RUN_DIR] then overrides. A run directory means its saved config.yaml."""
+    path = None
+    if args and not args[0].startswith("--"):
+        path, args = Path(args[0]), args[1:]
+        if path.is_dir():
+            if not (path / "config.yaml").is_file():
+                raise ConfigError(f"{path} is a directory without config.yaml (not a run directory)")
+            args = [f"--out_dir={path}", *args]
+            path = path / "config.yaml"
+    return config_module.load(path, config_module.parse_overrides(args))
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown verb {verb!r}{hint}; verbs: {', '.join(VERBS)}")
+    entry, takes_config, _ = VERBS[verb]
+    if not takes_config:
+        return entry(rest)
+    if "-h" in rest or "--help" in rest:
+        print(config_help(verb))
+        return 0
+    return entry(load_config(rest))
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars say what is happening; the libraries' per-file bars and deprecation
+    chatter only hide it."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"tunesmith: config error: {problem}", file=sys.stderr)
+        return 2
+    except TunesmithError as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130

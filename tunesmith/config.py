@@ -1,0 +1,261 @@
+"""Typed run configuration: YAML and `--section.key value` flags only fill it in.
+
+Every field is documented where it is declared; `tunesmith <verb> --help` prints those docs.
+Validation collects every problem before it reports, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunesmith.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(Section):
+    path: str | None = Field(None, description="training data: a JSON or JSONL file of rows")
+    val_path: str | None = Field(None, description="explicit validation file (else split from path)")
+    test_path: str | None = Field(None, description="explicit test file (else split from path)")
+    format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages"] = Field(
+        "auto", description="row shape; auto detects it from the keys and says which it chose")
+    template: str = Field(
+        "auto", description="auto (model's chat template, else alpaca) | chat | alpaca | qa | "
+        "a custom string with {prompt} (and optionally {input}, {system})")
+    system_prompt: str | None = Field(None, description="system message for chat templates")
+    mask_prompt: bool = Field(True, description="train on responses only (prompt labels are -100)")
+    max_seq_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated")
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for validation")
+    test_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for testing")
+    seed: int = Field(42, description="seed of the train/val/test shuffle")
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (accumulation = batch/micro)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training split (ignored if max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from 0 to learning_rate")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final rate as a share of the peak")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
+    optimizer: Literal["adamw"] = Field("adamw", description="optimizer")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float | None = Field(1.0, description="max global gradient norm (none to disable)")
+    eval_interval: int = Field(50, ge=0, description="steps between validation passes (0: only at the end)")
+    eval_iters: int = Field(20, ge=1, description="validation micro batches per pass")
+    save_interval: int = Field(0, ge=0, description="steps between checkpoints (0: only best and final)")
+    save_total_limit: int = Field(2, ge=1, description="step-* checkpoints kept (best/ and final/ always kept)")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validation passes without improvement")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware has it (this CPU's avx512_bf16, CUDA), else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    devices: int = Field(1, ge=1, description="devices to train on (1 here)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: int = Field(42, description="seed of model init, dropout and data order")
+    log_interval: int = Field(10, ge=1, description="steps between metric log lines")
+    loss_chunk_size: int = Field(1024, ge=16, description="supervised positions per chunk of the output layer")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="rank of the low-rank update")
+    alpha: float = Field(32, gt=0, description="scale numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="all-linear, or a list of module names (e.g. [q_proj, v_proj])")
+
+
+class EvalConfig(Section):
+    max_samples: int = Field(200, ge=1, description="test rows to generate answers for")
+    max_new_tokens: int | None = Field(None, ge=1, description="answer length cap (default: from references)")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
+    normalize: bool = Field(False, description="compare answers ignoring case, punctuation and spacing")
+    compare_base: bool = Field(True, description="also evaluate the base model, side by side")
+
+
+class RunConfig(Section):
+    model: str = Field(DEFAULT_MODEL, description="alias, local HF directory, .gguf file, or hub id")
+    method: Literal["lora", "full"] = Field("lora", description="lora (adapter) or full (all weights)")
+    name: str | None = Field(None, description="run name (default: from the data file)")
+    out_dir: str | None = Field(None, description="run directory (default: out/<name>)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path("out") / (self.name or _default_name(self.data.path))
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.train.batch_size // self.train.micro_batch_size
+
+
+def _default_name(path: str | None) -> str:
+    stem = Path(path).stem if path else "run"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "run"
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "lora": LoraConfig, "eval": EvalConfig}
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every config key, in declaration order: the source of --help."""
+    rows = []
+    for name, field in RunConfig.model_fields.items():
+        if name in SECTIONS:
+            for key, sub in SECTIONS[name].model_fields.items():
+                rows.append((f"{name}.{key}", _show(sub.default), sub.description or ""))
+        else:
+            rows.append((name, _show(field.default), field.description or ""))
+    return rows
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def all_keys() -> list[str]:
+    return [key for key, _, _ in field_docs()]
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--train.max_steps 30 --data.path x.jsonl` → nested dict; values parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise ConfigError(f"unexpected argument {flag!r}: config overrides look like --train.max_steps 30")
+        key = flag[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            raw = args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"--{key} needs a value")
+        set_dotted(overrides, key, _parse_scalar(raw))
+    return overrides
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return raw
+
+
+def build(raw: dict, base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw dict into a RunConfig, reporting every problem at once."""
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()]) from None
+    problems = semantic_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
+    return config
+
+
+def load(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
+    raw = read_yaml(path) if path else {}
+    raw = merge(raw, overrides or {})
+    base_dir = Path(path).resolve().parent if path else None
+    return build(raw, base_dir)
+
+
+def _resolve_paths(config: RunConfig, base_dir: Path) -> None:
+    """Data paths in a config file are relative to that file, as a user reading it expects."""
+    for key in ("path", "val_path", "test_path"):
+        value = getattr(config.data, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = base_dir / value
+            if candidate.exists():
+                setattr(config.data, key, str(candidate))
+
+
+def semantic_problems(config: RunConfig) -> list[str]:
+    t, d = config.train, config.data
+    problems = []
+    if t.batch_size % t.micro_batch_size:
+        problems.append(f"train.batch_size={t.batch_size} is not a multiple of "
+                        f"train.micro_batch_size={t.micro_batch_size}")
+    if d.val_split + d.test_split >= 1.0:
+        problems.append(f"data.val_split={d.val_split} + data.test_split={d.test_split} leave no training rows")
+    if t.devices != 1:
+        problems.append(f"train.devices={t.devices}: only 1 device is supported in this version")
+    return problems
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, all_keys(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown key {loc}{hint}"
+    if error["type"] == "literal_error":
+        return f"{loc}={error['input']!r} is not one of {error['ctx']['expected']}"
+    return f"{loc}={error.get('input')!r}: {error['msg'].lower()}"
+
+
+def dump(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,131 @@
+"""`tunesmith generate`: answer prompts with a base model, an adapter run, or a full checkpoint,
+through the same template the run was trained with, returning only the response."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith import config as config_module
+from tunesmith.data.formats import Example
+from tunesmith.data.templates import Encoder, Template, choose, prompt_text
+from tunesmith.device import pick_device, pick_dtype
+from tunesmith.errors import TunesmithError
+from tunesmith.log import say
+from tunesmith.model.load import load_model, load_tokenizer, resolve
+from tunesmith.train import checkpoint
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    template: Template
+    label: str  # "base" or the checkpoint folder, for tables and messages
+
+    @property
+    def encoder(self) -> Encoder:
+        return Encoder(self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_base(model_spec: str, template_spec: str = "auto", system_prompt: str | None = None,
+              device: str = "auto", precision: str = "auto") -> Loaded:
+    location = resolve(model_spec)
+    tokenizer = load_tokenizer(location, quiet=True)
+    target = pick_device(device)
+    model = load_model(location, dtype=pick_dtype(precision, target), device=str(target))
+    return Loaded(model.eval(), tokenizer, choose(template_spec, tokenizer, system_prompt), "base")
+
+
+def load_run(run: str | Path, device: str = "auto", precision: str = "auto") -> Loaded:
+    """A run directory or checkpoint folder; LoRA adapters are merged for fast generation."""
+    folder = checkpoint.pick(Path(run))
+    run_config = config_module.load(folder / "config.yaml")
+    tokenizer = load_tokenizer(folder, quiet=True)
+    target = pick_device(device)
+    dtype = pick_dtype(precision, target)
+    if checkpoint.is_adapter(folder):
+        from peft import PeftModel
+
+        base = load_model(resolve(run_config.model), dtype=torch.float32, device=str(target))
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(dtype)
+    else:
+        model = load_model(folder, dtype=dtype, device=str(target))
+    template = choose(run_config.data.template, tokenizer, run_config.data.system_prompt)
+    return Loaded(model.eval(), tokenizer, template, f"tuned ({folder.name})")
+
+
+def stop_token_ids(loaded: Loaded) -> list[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
+             temperature: float = 0.0, top_p: float = 1.0, progress=None) -> list[str]:
+    """Answers to already-templated prompts, batched by length (left padding), in input order."""
+    encoder, tokenizer = loaded.encoder, loaded.tokenizer
+    encoded = [encoder.encode_prompt(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids = encoded[index]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        output = loaded.model.generate(input_ids=input_ids.to(loaded.device),
+                                       attention_mask=attention.to(loaded.device),
+                                       max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(loaded),
+                                       pad_token_id=pad, **sampling)
+        for row, index in enumerate(chunk):
+            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(chunk))
+    return answers
+
+
+def template_prompt(loaded: Loaded, user_text: str) -> str:
+    example = Example([{"role": "user", "content": user_text}, {"role": "assistant", "content": ""}],
+                      instruction=user_text)
+    return prompt_text(loaded.template, example, loaded.tokenizer)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tunesmith generate",
+                                     description="Answer a prompt with a base model or a fine-tuned run.")
+    parser.add_argument("--model", help="base model (alias, HF dir, .gguf); default: the run's base")
+    parser.add_argument("--adapter", "--run", dest="run", help="run directory or checkpoint folder")
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--template", default="auto", help="template for a base model (auto, chat, alpaca, qa)")
+    args = parser.parse_args(argv)
+    if not args.model and not args.run:
+        raise TunesmithError("give --model, --adapter RUN, or both")
+    if args.run:
+        loaded = load_run(args.run)
+        if args.model:
+            say(f"Using the run's own base model; --model {args.model} is ignored")
+    else:
+        loaded = load_base(args.model, args.template)
+    prompt = template_prompt(loaded, args.prompt)
+    [answer] = generate(loaded, [prompt], args.max_new_tokens, 1, args.temperature, args.top_p)
+    print(answer)
+    return 0

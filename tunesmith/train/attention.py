@@ -1,0 +1,67 @@
+"""Attention for packed rows: each example attends only to itself, with no padding and no
+block-diagonal mask. The packed row is cut at example boundaries and SDPA runs causally on each
+piece — the CPU counterpart of flash-attention's varlen kernel. Costs O(sum of len^2), not O(T^2).
+
+Registered with transformers' AttentionInterface under VARLEN; `packed_attention(model)` switches
+a model to it only for training forwards (generation keeps SDPA with its padding mask).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "tunesmith_varlen"
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim)
+    segments = kwargs.get("tunesmith_segments")
+    if segments is None:
+        segments = [(0, query.shape[2])]
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for start, end in segments:
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True,
+            enable_gqa=groups > 1))
+    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # segments carry the structure; a (T, T) mask is never built
+
+
+@cache
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _no_mask)
+
+
+def supports_varlen(config) -> bool:
+    """Models whose attention SDPA cannot express (logit soft-capping) use transformers' own packed
+    mask instead, built from the restarting position ids."""
+    return getattr(config, "attn_logit_softcapping", None) is None
+
+
+@contextmanager
+def packed_attention(hf_model):
+    config = hf_model.config
+    if not supports_varlen(config):
+        yield False
+        return
+    register()
+    previous = config._attn_implementation
+    config._attn_implementation = VARLEN
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous

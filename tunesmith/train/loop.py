@@ -1,0 +1,197 @@
+"""The training loop, top to bottom.
+
+One optimizer step = batch_size examples = accumulation_steps packed micro batches. The loss
+of every micro batch is its summed cross-entropy divided by the supervised-token count of the
+whole step, so gradients do not depend on how the step is split into micro batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tunesmith.config import RunConfig
+from tunesmith.data.dataset import TokenizedSplit
+from tunesmith.log import say
+from tunesmith.train import checkpoint
+from tunesmith.train.attention import packed_attention
+from tunesmith.train.batching import PackedBatch, StepPlan, pack
+from tunesmith.train.flops import FlopModel, cached_peak_flops
+from tunesmith.train.loss import loss_sum, unwrap
+from tunesmith.train.metrics import MetricsLog
+from tunesmith.train.optim import build_optimizer, lr_at
+
+
+@dataclass
+class Window:
+    """What happened since the last log line: summed on the host, no device syncs per step."""
+
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: int = 0
+    targets: int = 0
+    flops: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0
+
+    def add(self, batches: list[PackedBatch], step_loss: torch.Tensor, flop_model: FlopModel) -> None:
+        self.steps += 1
+        for batch in batches:
+            self.tokens += batch.n_tokens
+            self.targets += batch.n_targets
+            self.flops += flop_model.step_flops(batch.n_tokens, batch.n_targets,
+                                                [end - start for start, end in batch.segments])
+        self.loss_sum = self.loss_sum + step_loss
+
+    def summary(self, peak_flops: float) -> dict:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return {"loss": float(self.loss_sum) / max(self.steps, 1),
+                "tokens_per_second": self.tokens / seconds,
+                "supervised_tokens_per_second": self.targets / seconds,
+                "mfu": self.flops / seconds / peak_flops, "seconds": seconds, "tokens": self.tokens}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    tokens_per_second: float
+    final_loss: float
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+
+
+def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int) -> torch.Tensor:
+    """Forward and backward over one step's micro batches; returns the step's mean loss (a tensor)."""
+    n_targets = sum(batch.n_targets for batch in batches)
+    step_loss = torch.zeros((), device=batches[0].input_ids.device)
+    for batch in batches:
+        with autocast, packed_attention(unwrap(model)):
+            summed = loss_sum(model, batch, chunk_size)
+        (summed / n_targets).backward()
+        step_loss += summed.detach() / n_targets
+    return step_loss
+
+
+@torch.no_grad()
+def validation_loss(model, split: TokenizedSplit, config: RunConfig, autocast, device) -> float | None:
+    """Mean loss per supervised token over the first eval_iters micro batches (a fixed subset)."""
+    if len(split) == 0:
+        return None
+    model.eval()
+    size = config.train.micro_batch_size
+    total, targets = 0.0, 0
+    for start in range(0, min(len(split), size * config.train.eval_iters), size):
+        batch = pack(split, list(range(start, min(start + size, len(split))))).to(device)
+        with autocast, packed_attention(unwrap(model)):
+            total += float(loss_sum(model, batch, config.train.loss_chunk_size))
+        targets += batch.n_targets
+    model.train()
+    return total / max(targets, 1)
+
+
+def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], device: torch.device,
+        dtype: torch.dtype) -> TrainResult:
+    train_cfg, run_dir = config.train, config.run_dir
+    plan = StepPlan.build(len(splits["train"]), train_cfg.batch_size, train_cfg.micro_batch_size,
+                          train_cfg.epochs, train_cfg.max_steps, train_cfg.seed)
+    optimizer = build_optimizer(model, train_cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
+    if train_cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
+        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}, {dtype}")
+
+    model.train()
+    best_val, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
+    window, overall = Window(), Window()
+    bar = tqdm(total=plan.total_steps, desc="finetune", unit="step", dynamic_ncols=True, mininterval=0.5)
+    for step in range(plan.total_steps):
+        lr = lr_at(step, plan.total_steps, train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [pack(splits["train"], ids).to(device) for ids in plan.micro_batches(step)]
+        step_loss = train_step(model, batches, autocast, train_cfg.loss_chunk_size)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
+                     if train_cfg.grad_clip else None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.add(batches, step_loss, flop_model)
+        overall.add(batches, step_loss.detach(), flop_model)
+        done = step + 1
+
+        if done % train_cfg.log_interval == 0 or done == plan.total_steps:
+            stats = window.summary(peak)
+            record = {"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"], "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_second": stats["tokens_per_second"], "mfu": stats["mfu"],
+                      "supervised_tokens_per_second": stats["supervised_tokens_per_second"]}
+            metrics.write(record)
+            bar.set_postfix_str(f"loss {stats['loss']:.4f} lr {lr:.1e} {stats['tokens_per_second']:.0f} tok/s "
+                                f"mfu {100 * stats['mfu']:.1f}%")
+            window = Window()
+
+        last = done == plan.total_steps
+        if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
+            eval_started = time.perf_counter()
+            val = validation_loss(model, splits["val"], config, autocast, device)
+            paused = time.perf_counter() - eval_started  # throughput counts training time only
+            window.started += paused
+            overall.started += paused
+            if val is not None:
+                metrics.write({"step": done, "val_loss": val})
+                bar.write(f"step {done}: validation loss {val:.4f}")
+                if val < best_val:
+                    best_val, best_step, evals_without_gain = val, done, 0
+                    checkpoint.save(model, tokenizer, config, run_dir / "best",
+                                    {"step": done, "val_loss": val, "kind": "best"})
+                else:
+                    evals_without_gain += 1
+                patience = train_cfg.early_stopping_patience
+                if patience and evals_without_gain >= patience and not last:
+                    bar.write(f"Early stopping at step {done}: no improvement for {patience} validation "
+                              f"passes; best was {best_val:.4f} at step {best_step}")
+                    stopped_early = True
+        if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
+            checkpoint.save(model, tokenizer, config, run_dir / f"step-{done:06d}",
+                            {"step": done, "kind": "step"})
+            checkpoint.prune(run_dir, train_cfg.save_total_limit)
+        bar.update(1)
+        if stopped_early:
+            break
+    bar.close()
+    metrics.close()
+
+    totals = overall.summary(peak)
+    checkpoint.save(model, tokenizer, config, run_dir / "final",
+                    {"step": done, "kind": "final", "train_loss": totals["loss"],
+                     "best_val_loss": None if best_step is None else best_val, "best_step": best_step})
+    return TrainResult(done, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
+                       stats["loss"], None if best_step is None else best_val, best_step, stopped_early)
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    hf_model = unwrap(model)
+    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def describe(result: TrainResult, run_dir: Path) -> list[str]:
+    lines = [f"Trained {result.steps} steps in {result.seconds:.0f} s "
+             f"({result.tokens_per_second:.0f} tokens/s); final training loss {result.final_loss:.4f}"]
+    if result.best_step is not None:
+        lines.append(f"Best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
+                     f"(saved in {run_dir / 'best'})")
+    if result.stopped_early:
+        lines.append("Stopped early: validation loss stopped improving")
+    return lines

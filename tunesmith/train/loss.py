@@ -1,0 +1,65 @@
+"""Cross-entropy over supervised positions only, computed in chunks.
+
+The full (tokens x vocabulary) logits matrix is never held: hidden states are gathered at the
+positions that predict a supervised token, then the output layer and the loss run chunk by
+chunk under activation checkpointing, so backward keeps one chunk's logits at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def logit_transform(config):
+    """Scalings some families apply to logits (soft-capping, logit scales), as one function."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def _chunk_loss(hidden, weight, bias, targets, transform):
+    logits = F.linear(hidden, weight, bias).float()  # (chunk, vocab) in fp32 for a stable softmax
+    return F.cross_entropy(transform(logits), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden, output_layer, targets, transform=lambda x: x, chunk_size=1024):
+    """Sum of cross-entropy over rows of hidden (n, d) against targets (n,)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    weight, bias = output_layer.weight, output_layer.bias
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h, weight, bias, t, transform, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h, weight, bias, t, transform)
+    return total
+
+
+def loss_sum(model, batch, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed loss of a packed micro batch (divide by the window's target count outside)."""
+    hf_model = unwrap(model)
+    decoder = hf_model.base_model
+    out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  tunesmith_segments=batch.segments)
+    hidden = out.last_hidden_state[0]  # (T, d)
+    hidden = hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions
+    return chunked_cross_entropy(hidden, hf_model.get_output_embeddings(), batch.targets,
+                                 logit_transform(hf_model.config), chunk_size)
