@@ -157,10 +157,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _parse_scalar(raw: str) -> Any:
+    if raw.strip().lower() in ("none", "null", "~"):
+        return None  # --help shows unset values as "none"
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    # Text YAML reads as a comment or a mapping ("### Q: {prompt}", a custom template) is literal.
+    return raw if value is None or isinstance(value, dict) else value
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -204,16 +208,33 @@ def read_yaml(path: str | Path) -> dict:
 
 def build(raw: dict, base_dir: Path | None = None) -> RunConfig:
     """Validate a raw dict into a RunConfig, reporting every problem at once."""
+    problems = []
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError([_describe(e) for e in err.errors()]) from None
-    problems = semantic_problems(config)
+        problems = [_describe(e) for e in err.errors()]
+        config = None
+    problems += semantic_problems(_Lookup(raw))
     if problems:
         raise ConfigError(problems)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
     return config
+
+
+class _Lookup:
+    """Dotted access to raw values with declared defaults, so cross-key checks also run when
+    some other key is invalid (all problems are reported together)."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def get(self, dotted: str):
+        section, key = dotted.split(".")
+        node = self.raw.get(section)
+        if isinstance(node, dict) and key in node:
+            return node[key]
+        return SECTIONS[section].model_fields[key].default
 
 
 def load(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
@@ -233,24 +254,52 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> None:
                 setattr(config.data, key, str(candidate))
 
 
-def semantic_problems(config: RunConfig) -> list[str]:
-    t, d = config.train, config.data
+def semantic_problems(values: _Lookup) -> list[str]:
     problems = []
-    if t.batch_size % t.micro_batch_size:
-        problems.append(f"train.batch_size={t.batch_size} is not a multiple of "
-                        f"train.micro_batch_size={t.micro_batch_size}")
-    if d.val_split + d.test_split >= 1.0:
-        problems.append(f"data.val_split={d.val_split} + data.test_split={d.test_split} leave no training rows")
-    if t.devices != 1:
-        problems.append(f"train.devices={t.devices}: only 1 device is supported in this version")
+    batch, micro = values.get("train.batch_size"), values.get("train.micro_batch_size")
+    if _all(int, batch, micro) and micro > 0 and batch % micro:
+        problems.append(f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}")
+    val, test = values.get("data.val_split"), values.get("data.test_split")
+    if _all((int, float), val, test) and val + test >= 1.0:
+        problems.append(f"data.val_split={val} + data.test_split={test} leave no training rows")
+    devices = values.get("train.devices")
+    if isinstance(devices, int) and devices != 1:
+        problems.append(f"train.devices={devices}: only 1 device is supported in this version")
     return problems
+
+
+def _all(kind, *values) -> bool:
+    return all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
+
+
+# Names users bring from other tools, and what they are called here.
+FAMILIAR_NAMES = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "batch_size",
+    "max_length": "max_seq_length", "seq_len": "max_seq_length", "cutoff_len": "max_seq_length",
+    "warmup": "warmup_steps", "lr_scheduler_type": "lr_schedule", "max_grad_norm": "grad_clip",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "dataset": "path",
+}
+
+
+def _suggest(loc: str) -> str | None:
+    section, _, key = loc.rpartition(".")
+    familiar = FAMILIAR_NAMES.get(key)
+    candidates = all_keys()
+    if familiar:
+        matches = [k for k in candidates if k.rpartition(".")[2] == familiar]
+        same_section = [k for k in matches if k.startswith(section + ".")] if section else []
+        if same_section or matches:
+            return (same_section or matches)[0]
+    close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _describe(error: dict) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, all_keys(), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = _suggest(loc)
+        hint = f" (did you mean {close}?)" if close else ""
         return f"unknown key {loc}{hint}"
     if error["type"] == "literal_error":
         return f"{loc}={error['input']!r} is not one of {error['ctx']['expected']}"

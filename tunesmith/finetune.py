@@ -22,9 +22,9 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     # Pin the template 'auto' chose, so checkpoints generate with exactly the training format.
     template = choose(config.data.template, tokenizer, config.data.system_prompt)
     config = config.model_copy(update={"data": config.data.model_copy(update={"template": template.spec})})
+    prepared = prepare(config, tokenizer)  # first: a data error leaves no half-made run directory
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump(config))
-    prepared = prepare(config, tokenizer)
     for line in summary_lines(prepared):
         say(line)
 

@@ -53,6 +53,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _key(config: RunConfig, tokenizer) -> dict:
     data = config.data
+    for k in ("path", "val_path", "test_path"):
+        if getattr(data, k) and not Path(getattr(data, k)).is_file():
+            raise DataError(f"data.{k}: data file {getattr(data, k)} not found")
     sources = {k: file_hash(getattr(data, k)) for k in ("path", "val_path", "test_path") if getattr(data, k)}
     settings = data.model_dump(exclude={"path", "val_path", "test_path"})
     settings["template"] = choose(data.template, tokenizer, data.system_prompt).spec  # auto, resolved
@@ -82,18 +85,19 @@ def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:
         f"({'detected from the keys' if data.format == 'auto' else 'as configured'}); "
         f"template: {template.describe}")
     encoder = Encoder(tokenizer)
-    tmp = folder.with_name(f"data.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    counts, splits = {}, {}
-    for name in SPLITS:
-        split, rows, stats = tokenize(examples[name], template, encoder, tokenizer, data.max_seq_length,
-                                      data.mask_prompt)
-        split.save(tmp / name)
-        write_rows(tmp / name, rows)
-        counts[name], splits[name] = stats, split
+    tokenized = {name: tokenize(examples[name], template, encoder, tokenizer, data.max_seq_length,
+                                data.mask_prompt) for name in SPLITS}
+    counts = {name: stats for name, (_, _, stats) in tokenized.items()}
+    splits = {name: split for name, (split, _, _) in tokenized.items()}
     total_kept = sum(c["examples"] for c in counts.values())
     if counts["train"]["examples"] == 0:
         _explain_empty(counts, data.max_seq_length)
+    # Every user error is raised above, before anything is written.
+    tmp = folder.with_name(f"data.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (split, rows, _) in tokenized.items():
+        split.save(tmp / name)
+        write_rows(tmp / name, rows)
     manifest = {"key": key, "format": formats, "template": template.describe, "counts": counts,
                 "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "examples": total_kept,
                 "max_seq_length": data.max_seq_length, "mask_prompt": data.mask_prompt}

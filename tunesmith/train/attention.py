@@ -20,15 +20,12 @@ VARLEN = "tunesmith_varlen"
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim)
     segments = kwargs.get("tunesmith_segments")
-    if segments is None:
-        segments = [(0, query.shape[2])]
+    lengths = [end - start for start, end in segments] if segments else [query.shape[2]]
     groups = query.shape[1] // key.shape[1]
-    outputs = []
-    for start, end in segments:
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True,
-            enable_gqa=groups > 1))
+    pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    outputs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0,
+                                              scale=scaling, is_causal=True, enable_gqa=groups > 1)
+               for q, k, v in pieces]  # split, not slicing: its backward is one concatenation
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
     return output.transpose(1, 2).contiguous(), None
 
@@ -46,19 +43,22 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN, _no_mask)
 
 
-def supports_varlen(config) -> bool:
-    """Models whose attention SDPA cannot express (logit soft-capping) use transformers' own packed
-    mask instead, built from the restarting position ids."""
-    return getattr(config, "attn_logit_softcapping", None) is None
+def use_varlen(hf_model) -> bool:
+    """The per-example loop pays on CPU, where maths dominates. On CUDA many small kernel launches
+    cost more than they save, so transformers' own packed-sequence handling is used there (it
+    reads the restarting position ids). Models whose attention SDPA cannot express (logit
+    soft-capping) also take transformers' path."""
+    device = next(hf_model.parameters()).device
+    return device.type == "cpu" and getattr(hf_model.config, "attn_logit_softcapping", None) is None
 
 
 @contextmanager
 def packed_attention(hf_model):
-    config = hf_model.config
-    if not supports_varlen(config):
+    if not use_varlen(hf_model):
         yield False
         return
     register()
+    config = hf_model.config
     previous = config._attn_implementation
     config._attn_implementation = VARLEN
     try:

@@ -1,0 +1,141 @@
+"""Training: gradients do not depend on how a step is split into micro batches, the loss goes
+down, the learning-rate schedule follows its formulas, and the step plan is seeded."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import fast_train_flags, write_jsonl
+from tunesmith.config import TrainConfig
+from tunesmith.data.dataset import TokenizedSplit
+from tunesmith.train.batching import StepPlan, pack
+from tunesmith.train.loop import train_step
+from tunesmith.train.optim import build_optimizer, lr_at
+
+NO_AUTOCAST = torch.autocast("cpu", dtype=torch.float32, enabled=False)  # what the loop uses in fp32
+
+
+def uneven_split(vocab_size: int) -> TokenizedSplit:
+    """Four examples of quite different lengths and supervised shares."""
+    generator = torch.Generator().manual_seed(3)
+    ids, supervised = [], []
+    for prompt_length, answer_length in ((3, 2), (14, 9), (6, 1), (9, 20)):
+        ids.append(torch.randint(3, vocab_size, (prompt_length + answer_length,), generator=generator).tolist())
+        supervised.append([False] * prompt_length + [True] * answer_length)
+    return TokenizedSplit.from_lists(ids, supervised)
+
+
+def gradients_of(model, split, micro_batches: list[list[int]], chunk_size: int = 8):
+    model.zero_grad(set_to_none=True)
+    loss = train_step(model, [pack(split, ids) for ids in micro_batches], NO_AUTOCAST, chunk_size)
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_gives_the_same_gradients_as_one_big_micro_batch(llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    split = uneven_split(model.config.vocab_size)
+
+    one_loss, one = gradients_of(model, split, [[0, 1, 2, 3]])  # micro 4 x accumulation 1
+    four_loss, four = gradients_of(model, split, [[0], [1], [2], [3]])  # micro 1 x accumulation 4
+    two_loss, two = gradients_of(model, split, [[3, 1], [0, 2]], chunk_size=5)  # 2 x 2, another order
+
+    assert one.keys() == four.keys() == two.keys() and len(one) == len(list(model.parameters()))
+    torch.testing.assert_close(four_loss, one_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two_loss, one_loss, rtol=1e-5, atol=1e-5)
+    for name in one:
+        torch.testing.assert_close(four[name], one[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    # the step loss is the mean over supervised tokens of the whole step, not a mean of means
+    targets = split.target_counts().tolist()
+    assert targets == [2, 9, 1, 20]
+    singles = [float(gradients_of(model, split, [[i]])[0]) for i in range(4)]
+    expected = sum(loss * n for loss, n in zip(singles, targets)) / sum(targets)
+    assert float(one_loss) == pytest.approx(expected, rel=1e-5)
+    assert float(one_loss) != pytest.approx(sum(singles) / 4, rel=1e-3)
+
+
+def test_step_plan_is_seeded_and_covers_each_epoch():
+    plan = StepPlan.build(10, batch_size=4, micro_batch_size=2, epochs=2, max_steps=None, seed=5)
+    assert plan.total_steps == 5  # ceil(2 epochs x 10 examples / 4)
+    assert plan.micro_batches(0) == [plan.step_indices(0)[:2], plan.step_indices(0)[2:]]
+    first_epoch = sum((plan.step_indices(s) for s in range(2)), []) + plan.step_indices(2)[:2]
+    assert sorted(first_epoch) == list(range(10))  # a permutation: every example once per epoch
+    again = StepPlan.build(10, 4, 2, 2, None, seed=5)
+    assert [again.step_indices(s) for s in range(5)] == [plan.step_indices(s) for s in range(5)]
+    other = StepPlan.build(10, 4, 2, 2, None, seed=6)
+    assert [other.step_indices(s) for s in range(5)] != [plan.step_indices(s) for s in range(5)]
+    assert StepPlan.build(10, 4, 2, 2, max_steps=7, seed=5).total_steps == 7
+    assert plan.epoch_at(5) == 2.0
+
+
+def train_config(**values) -> TrainConfig:
+    return TrainConfig(**{"learning_rate": 1e-3, "min_lr_ratio": 0.1, **values})
+
+
+def test_warmup_is_linear_from_zero_to_peak():
+    train = train_config(warmup_steps=4, lr_schedule="constant")
+    assert [lr_at(s, 20, train) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedules_follow_their_formulas(schedule):
+    peak, floor, warmup, total = 1e-3, 1e-4, 3, 13
+    train = train_config(warmup_steps=warmup, lr_schedule=schedule)
+    for step in range(total):
+        if step < warmup:
+            expected = peak * (step + 1) / warmup
+        else:
+            progress = (step - warmup) / (total - warmup)
+            expected = {"constant": peak,
+                        "linear": peak - (peak - floor) * progress,
+                        "cosine": floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+        assert lr_at(step, total, train) == pytest.approx(expected, rel=1e-12), step
+    # after warmup the rate never rises, and never goes below the floor
+    rates = [lr_at(s, total, train) for s in range(warmup - 1, total + 3)]
+    assert all(b <= a + 1e-15 for a, b in zip(rates, rates[1:]))
+    assert min(rates) >= floor - 1e-15
+    assert lr_at(total, total, train) == pytest.approx(peak if schedule == "constant" else floor)
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert lr_at(0, 10, train_config(warmup_steps=0, lr_schedule="cosine")) == pytest.approx(1e-3)
+
+
+def test_weight_decay_only_on_matrices(llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    optimizer = build_optimizer(model, train_config(weight_decay=0.1))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_loss_goes_down_and_metrics_are_logged(cli, llama, tmp_path):
+    rows = [{"question": f"Say the word number {i}", "answer": word}
+            for i, word in enumerate(["red", "green", "blue", "yes"])]
+    path = write_jsonl(tmp_path / "words.jsonl", rows * 2)
+    run_dir = tmp_path / "run"
+    result = cli("finetune", "--model", llama, "--method", "full", "--data.path", path, "--out_dir", run_dir,
+                 "--data.val_split", 0, "--data.test_split", 0, *fast_train_flags(max_steps=12, batch=4, micro=2),
+                 "--train.learning_rate", 1e-2, "--train.lr_schedule", "constant", "--train.warmup_steps", 2)
+    assert result.code == 0, result.err
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))  # log_interval 1, no validation split
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert [r["lr"] for r in records] == pytest.approx([5e-3] + [1e-2] * 11)
+    assert all(r["grad_norm"] > 0 and r["tokens_per_second"] > 0 for r in records)
+    assert "final training loss" in result.out
+    state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["kind"] == "final" and state["best_step"] is None
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "lr.png", "throughput.png"}
