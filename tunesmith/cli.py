@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TunesmithError as err:
         print(f"tunesmith: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130

@@ -56,10 +56,11 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, description="max global gradient norm (none to disable)")
     eval_interval: int = Field(50, ge=0, description="steps between validation passes (0: only at the end)")
     eval_iters: int = Field(20, ge=1, description="validation micro batches per pass")
-    save_interval: int = Field(0, ge=0, description="steps between checkpoints (0: only best and final)")
+    save_interval: int = Field(100, ge=0, description="steps between resumable step-* checkpoints (0: none)")
     save_total_limit: int = Field(2, ge=1, description="step-* checkpoints kept (best/ and final/ always kept)")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many validation passes without improvement")
+    max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row (each is skipped)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has it (this CPU's avx512_bf16, CUDA), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
@@ -91,6 +92,8 @@ class RunConfig(Section):
     method: Literal["lora", "full"] = Field("lora", description="lora (adapter) or full (all weights)")
     name: str | None = Field(None, description="run name (default: from the data file)")
     out_dir: str | None = Field(None, description="run directory (default: out/<name>)")
+    resume: bool | str = Field(False, description="finetune: continue from the latest complete step-* "
+                               "checkpoint (true) or from the given checkpoint folder")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -147,11 +150,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             raw = args[i + 1]
             i += 2
-        else:
-            raise ConfigError(f"--{key} needs a value")
+        else:  # a bare flag: --resume means resume: true
+            raw = "true"
+            i += 1
         set_dotted(overrides, key, _parse_scalar(raw))
     return overrides
 

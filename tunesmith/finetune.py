@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from tunesmith import config as config_module
 from tunesmith import plots
 from tunesmith.config import RunConfig, dump
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.data.prepare import prepare, summary_lines
 from tunesmith.data.templates import choose
 from tunesmith.device import pick_device, pick_dtype
 from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, prepare_for_training
 from tunesmith.model.load import load_model, load_tokenizer, resolve
-from tunesmith.train import loop
+from tunesmith.train import checkpoint, loop
 
 
 def finetune(config: RunConfig) -> loop.TrainResult:
@@ -35,9 +39,44 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     model = prepare_for_training(model, config, dtype)
     trainable, total = count_parameters(model)
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({config.method})")
-    result = loop.run(model, tokenizer, config, prepared.splits, device, dtype)
+    resume_from = resume_point(config)
+    result = loop.run(model, tokenizer, config, prepared.splits, device, dtype, resume_from)
     plots.curves(run_dir)
     return result
+
+
+# Keys that must match between a checkpoint and the run resuming it (they shape data and model).
+MUST_MATCH = ("model", "method", "data", "lora", "train.batch_size", "train.micro_batch_size", "train.seed")
+
+
+def resume_point(config: RunConfig) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume is True:
+        folder, notes = checkpoint.latest_resumable(config.run_dir)
+        for note in notes:
+            say(note)
+    else:
+        folder = Path(config.resume)
+        problem = checkpoint.verify(folder) if folder.is_dir() else "missing"
+        if problem:
+            raise TunesmithError(f"cannot resume from {folder}: it is {problem}")
+    saved = config_module.load(folder / "config.yaml").model_dump()
+    current = config.model_dump()
+    changed = [key for key in MUST_MATCH if _get(saved, key) != _get(current, key)]
+    if changed:
+        raise ConfigError([f"cannot resume from {folder}: {key} differs from the checkpoint's "
+                           f"({_get(saved, key)!r} there, {_get(current, key)!r} now)" for key in changed])
+    return folder
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    if isinstance(tree, dict):  # paths may be written differently; compare what they name
+        return {k: v for k, v in tree.items() if k != "path"} | ({"path": str(Path(tree["path"]).resolve())}
+                                                                 if tree.get("path") else {})
+    return tree
 
 
 def main(config: RunConfig) -> int:

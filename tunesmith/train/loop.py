@@ -8,7 +8,10 @@ whole step, so gradients do not depend on how the step is split into micro batch
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from tunesmith.config import RunConfig
 from tunesmith.data.dataset import TokenizedSplit
+from tunesmith.errors import TunesmithError
 from tunesmith.log import say
 from tunesmith.train import checkpoint
 from tunesmith.train.attention import packed_attention
@@ -96,8 +100,58 @@ def validation_loss(model, split: TokenizedSplit, config: RunConfig, autocast, d
     return total / max(targets, 1)
 
 
+@dataclass
+class LoopState:
+    """Everything besides weights, optimizer and RNG that an exact resume needs."""
+
+    step: int = 0  # optimizer steps done (the data position is step * batch_size)
+    best_val: float | None = None
+    best_step: int | None = None
+    evals_without_gain: int = 0
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+
+    def to_dict(self, kind: str, **extra) -> dict:
+        return {"kind": kind, **self.__dict__, **extra}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "LoopState":
+        return cls(**{key: state[key] for key in cls.__dataclass_fields__ if key in state})
+
+
+class Interrupted(TunesmithError):
+    """SIGINT or SIGTERM: a checkpoint was saved at the end of the step; exit code 130."""
+
+    exit_code = 130
+
+
+class Diverged(TunesmithError):
+    """Too many non-finite steps in a row; the last good checkpoint is untouched."""
+
+
+@contextmanager
+def stop_requests():
+    """SIGINT / SIGTERM set a flag read at the end of each step; a second Ctrl-C stops at once."""
+    request: dict = {"signal": None}
+
+    def handler(signum, frame):
+        if request["signal"] is not None:
+            raise KeyboardInterrupt
+        request["signal"] = signal.Signals(signum).name
+
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], device: torch.device,
-        dtype: torch.dtype) -> TrainResult:
+        dtype: torch.dtype, resume_from: Path | None = None) -> TrainResult:
     train_cfg, run_dir = config.train, config.run_dir
     plan = StepPlan.build(len(splits["train"]), train_cfg.batch_size, train_cfg.micro_batch_size,
                           train_cfg.epochs, train_cfg.max_steps, train_cfg.seed)
@@ -107,76 +161,105 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
     if train_cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    state = LoopState()
+    if resume_from is not None:
+        state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer))
+        say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None)
     say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
         f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}, {dtype}")
 
+    def save_step(kind_folder: Path, kind: str, **extra) -> None:
+        with_optimizer = optimizer if kind == "step" else None
+        checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), with_optimizer)
+
     model.train()
-    best_val, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
+    stopped_early, stats = False, None
     window, overall = Window(), Window()
-    bar = tqdm(total=plan.total_steps, desc="finetune", unit="step", dynamic_ncols=True, mininterval=0.5)
-    for step in range(plan.total_steps):
-        lr = lr_at(step, plan.total_steps, train_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = [pack(splits["train"], ids).to(device) for ids in plan.micro_batches(step)]
-        step_loss = train_step(model, batches, autocast, train_cfg.loss_chunk_size)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
-                     if train_cfg.grad_clip else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.add(batches, step_loss, flop_model)
-        overall.add(batches, step_loss.detach(), flop_model)
-        done = step + 1
+    bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
+               mininterval=0.5)
+    with stop_requests() as stop:
+        for step in range(state.step, plan.total_steps):
+            lr = lr_at(step, plan.total_steps, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [pack(splits["train"], ids).to(device) for ids in plan.micro_batches(step)]
+            step_loss = train_step(model, batches, autocast, train_cfg.loss_chunk_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf)
+            if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
+                optimizer.step()
+                state.bad_steps_in_row = 0
+            else:
+                state.bad_steps_in_row += 1
+                state.skipped_steps += 1
+                bar.write(f"step {step + 1}: loss or gradient is not finite; step skipped "
+                          f"({state.bad_steps_in_row} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            state.step = done = step + 1
+            if state.bad_steps_in_row >= train_cfg.max_bad_steps:
+                _diverged(state, run_dir, train_cfg)
+            if state.bad_steps_in_row == 0:
+                window.add(batches, step_loss, flop_model)
+                overall.add(batches, step_loss.detach(), flop_model)
 
-        if done % train_cfg.log_interval == 0 or done == plan.total_steps:
-            stats = window.summary(peak)
-            record = {"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"], "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_second": stats["tokens_per_second"], "mfu": stats["mfu"],
-                      "supervised_tokens_per_second": stats["supervised_tokens_per_second"]}
-            metrics.write(record)
-            bar.set_postfix_str(f"loss {stats['loss']:.4f} lr {lr:.1e} {stats['tokens_per_second']:.0f} tok/s "
-                                f"mfu {100 * stats['mfu']:.1f}%")
-            window = Window()
+            last = done == plan.total_steps
+            if (done % train_cfg.log_interval == 0 or last) and window.steps:
+                stats = window.summary(peak)
+                metrics.write({"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"],
+                               "lr": lr, "grad_norm": float(grad_norm),
+                               "tokens_per_second": stats["tokens_per_second"], "mfu": stats["mfu"],
+                               "supervised_tokens_per_second": stats["supervised_tokens_per_second"],
+                               "skipped_steps": state.skipped_steps})
+                bar.set_postfix_str(f"loss {stats['loss']:.4f} lr {lr:.1e} "
+                                    f"{stats['tokens_per_second']:.0f} tok/s mfu {100 * stats['mfu']:.1f}%")
+                window = Window()
 
-        last = done == plan.total_steps
-        if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
-            eval_started = time.perf_counter()
-            val = validation_loss(model, splits["val"], config, autocast, device)
-            paused = time.perf_counter() - eval_started  # throughput counts training time only
-            window.started += paused
-            overall.started += paused
-            if val is not None:
-                metrics.write({"step": done, "val_loss": val})
-                bar.write(f"step {done}: validation loss {val:.4f}")
-                if val < best_val:
-                    best_val, best_step, evals_without_gain = val, done, 0
-                    checkpoint.save(model, tokenizer, config, run_dir / "best",
-                                    {"step": done, "val_loss": val, "kind": "best"})
-                else:
-                    evals_without_gain += 1
-                patience = train_cfg.early_stopping_patience
-                if patience and evals_without_gain >= patience and not last:
-                    bar.write(f"Early stopping at step {done}: no improvement for {patience} validation "
-                              f"passes; best was {best_val:.4f} at step {best_step}")
-                    stopped_early = True
-        if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
-            checkpoint.save(model, tokenizer, config, run_dir / f"step-{done:06d}",
-                            {"step": done, "kind": "step"})
-            checkpoint.prune(run_dir, train_cfg.save_total_limit)
-        bar.update(1)
-        if stopped_early:
-            break
+            if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
+                eval_started = time.perf_counter()
+                val = validation_loss(model, splits["val"], config, autocast, device)
+                if val is not None:
+                    metrics.write({"step": done, "val_loss": val})
+                    bar.write(f"step {done}: validation loss {val:.4f}")
+                    if state.best_val is None or val < state.best_val:
+                        state.best_val, state.best_step, state.evals_without_gain = val, done, 0
+                        save_step(run_dir / "best", "best", val_loss=val)
+                    else:
+                        state.evals_without_gain += 1
+                    patience = train_cfg.early_stopping_patience
+                    if patience and state.evals_without_gain >= patience and not last:
+                        bar.write(f"Early stopping at step {done}: no improvement for {patience} validation "
+                                  f"passes; best was {state.best_val:.4f} at step {state.best_step}")
+                        stopped_early = True
+                paused = time.perf_counter() - eval_started  # throughput counts training time only
+                window.started += paused
+                overall.started += paused
+            if stop["signal"] and not last:
+                folder = run_dir / f"step-{done:06d}"
+                save_step(folder, "step")
+                raise Interrupted(f"{stop['signal']} at step {done}: saved {folder}. Resume with: "
+                                  f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
+            if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
+                save_step(run_dir / f"step-{done:06d}", "step")
+                checkpoint.prune(run_dir, train_cfg.save_total_limit)
+            bar.update(1)
+            if stopped_early:
+                break
     bar.close()
     metrics.close()
 
     totals = overall.summary(peak)
-    checkpoint.save(model, tokenizer, config, run_dir / "final",
-                    {"step": done, "kind": "final", "train_loss": totals["loss"],
-                     "best_val_loss": None if best_step is None else best_val, "best_step": best_step})
-    return TrainResult(done, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
-                       stats["loss"], None if best_step is None else best_val, best_step, stopped_early)
+    save_step(run_dir / "final", "final", train_loss=totals["loss"], best_val_loss=state.best_val)
+    final_loss = stats["loss"] if stats else totals["loss"]
+    return TrainResult(state.step, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
+                       final_loss, state.best_val, state.best_step, stopped_early)
+
+
+def _diverged(state: LoopState, run_dir: Path, train_cfg) -> None:
+    good = [p for p in checkpoint.step_folders(run_dir) if checkpoint.is_complete(p)]
+    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written"
+    raise Diverged(f"the loss or gradient was not finite for {state.bad_steps_in_row} steps in a row "
+                   f"(through step {state.step}); stopped, {where}. Lower train.learning_rate "
+                   f"(now {train_cfg.learning_rate:g}) or check the data")
 
 
 def _enable_gradient_checkpointing(model) -> None:

@@ -7,10 +7,16 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, fresh: bool = True):
+    """A fresh log, or on resume the old one cut back to the checkpoint's step, so the records
+    of steps that will be redone are not duplicated."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.handle = path.open("w" if fresh else "a", encoding="utf-8")
+        kept = [r for r in read(path) if r.get("step", 0) <= keep_through_step] if keep_through_step else []
+        self.handle = path.open("w", encoding="utf-8")
+        for record in kept:
+            self.write(record)
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record) + "\n")
