@@ -64,7 +64,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has it (this CPU's avx512_bf16, CUDA), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
-    devices: int = Field(1, ge=1, description="devices to train on (1 here)")
+    devices: int = Field(1, ge=1, description="data-parallel processes on this machine (GPUs, or CPU "
+                         "processes); under torchrun the launcher decides")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = Field(42, description="seed of model init, dropout and data order")
     log_interval: int = Field(10, ge=1, description="steps between metric log lines")
@@ -267,8 +268,9 @@ def semantic_problems(values: _Lookup) -> list[str]:
     if _all((int, float), val, test) and val + test >= 1.0:
         problems.append(f"data.val_split={val} + data.test_split={test} leave no training rows")
     devices = values.get("train.devices")
-    if isinstance(devices, int) and devices != 1:
-        problems.append(f"train.devices={devices}: only 1 device is supported in this version")
+    if _all(int, devices, batch) and devices > batch:
+        problems.append(f"train.devices={devices} is more than train.batch_size={batch}: "
+                        "each device needs at least one example per step")
     return problems
 
 

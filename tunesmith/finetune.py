@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from tunesmith.device import pick_device, pick_dtype
 from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, prepare_for_training
 from tunesmith.model.load import load_model, load_tokenizer, resolve
-from tunesmith.train import checkpoint, loop
+from tunesmith.train import checkpoint, distributed, loop
 
 
 def finetune(config: RunConfig) -> loop.TrainResult:
@@ -32,7 +35,8 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     for line in summary_lines(prepared):
         say(line)
 
-    device = pick_device(config.train.device)
+    group, device_name = distributed.start(config.train.device)
+    device = pick_device(device_name)
     dtype = pick_dtype(config.train.precision, device)
     torch.manual_seed(config.train.seed)
     model = load_model(location, dtype=torch.float32, device=str(device))
@@ -40,9 +44,24 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     trainable, total = count_parameters(model)
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({config.method})")
     resume_from = resume_point(config)
-    result = loop.run(model, tokenizer, config, prepared.splits, device, dtype, resume_from)
-    plots.curves(run_dir)
+    try:
+        result = loop.run(model, tokenizer, config, prepared.splits, device, dtype, resume_from, group)
+    finally:
+        distributed.stop(group)
+    if group.is_main:
+        plots.curves(run_dir)
     return result
+
+
+def launch_ranks(config: RunConfig) -> int:
+    """train.devices > 1 outside torchrun: start that many ranks of this same run through torchrun."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    launch_file = config.run_dir / "launch.yaml"
+    launch_file.write_text(dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={config.train.devices}", "-m", "tunesmith", "finetune", str(launch_file)]
+    say(f"Starting {config.train.devices} ranks: {' '.join(command[1:])}")
+    return subprocess.call(command)
 
 
 # Keys that must match between a checkpoint and the run resuming it (they shape data and model).
@@ -80,8 +99,15 @@ def _get(tree: dict, dotted: str):
 
 
 def main(config: RunConfig) -> int:
+    if config.train.devices > 1 and not distributed.under_torchrun():
+        return launch_ranks(config)
     result = finetune(config)
+    if not distributed.under_torchrun() or int(os.environ.get("RANK", "0")) == 0:
+        _report(result, config)
+    return 0
+
+
+def _report(result: loop.TrainResult, config: RunConfig) -> None:
     for line in loop.describe(result, config.run_dir):
         print(line)
     print(f"Run directory: {config.run_dir}  (curves in {config.run_dir / 'plots'})")
-    return 0

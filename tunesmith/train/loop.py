@@ -25,6 +25,7 @@ from tunesmith.log import say
 from tunesmith.train import checkpoint
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, StepPlan, pack
+from tunesmith.train.distributed import Group
 from tunesmith.train.flops import FlopModel, cached_peak_flops
 from tunesmith.train.loss import loss_sum, unwrap
 from tunesmith.train.metrics import MetricsLog
@@ -71,9 +72,12 @@ class TrainResult:
     stopped_early: bool
 
 
-def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int) -> torch.Tensor:
-    """Forward and backward over one step's micro batches; returns the step's mean loss (a tensor)."""
-    n_targets = sum(batch.n_targets for batch in batches)
+def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int,
+               n_targets: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Forward and backward over one step's micro batches; returns the step's mean loss (a tensor).
+    n_targets: supervised tokens of the whole step (across all ranks); default: these batches'."""
+    if n_targets is None:
+        n_targets = sum(batch.n_targets for batch in batches)
     step_loss = torch.zeros((), device=batches[0].input_ids.device)
     for batch in batches:
         with autocast, packed_attention(unwrap(model)):
@@ -151,7 +155,7 @@ def stop_requests():
 
 
 def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], device: torch.device,
-        dtype: torch.dtype, resume_from: Path | None = None) -> TrainResult:
+        dtype: torch.dtype, resume_from: Path | None = None, group: Group = Group()) -> TrainResult:
     train_cfg, run_dir = config.train, config.run_dir
     plan = StepPlan.build(len(splits["train"]), train_cfg.batch_size, train_cfg.micro_batch_size,
                           train_cfg.epochs, train_cfg.max_steps, train_cfg.seed)
@@ -165,26 +169,39 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     if resume_from is not None:
         state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer))
         say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None)
+    group.broadcast_parameters(trainable)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None) \
+        if group.is_main else None
+    ranks = f" x {group.world_size} processes" if group.active else ""
     say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
-        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}, {dtype}")
+        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}{ranks}, {dtype}")
 
     def save_step(kind_folder: Path, kind: str, **extra) -> None:
-        with_optimizer = optimizer if kind == "step" else None
-        checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), with_optimizer)
+        if group.is_main:  # one writer; the others wait until the folder is complete
+            with_optimizer = optimizer if kind == "step" else None
+            checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), with_optimizer)
+        group.barrier()
+
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(record)
 
     model.train()
     stopped_early, stats = False, None
     window, overall = Window(), Window()
     bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
-               mininterval=0.5)
+               mininterval=0.5, disable=not group.is_main)
     with stop_requests() as stop:
         for step in range(state.step, plan.total_steps):
             lr = lr_at(step, plan.total_steps, train_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = [pack(splits["train"], ids).to(device) for ids in plan.micro_batches(step)]
-            step_loss = train_step(model, batches, autocast, train_cfg.loss_chunk_size)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            mine = group.share(plan.step_indices(step))  # this rank's examples of the step
+            batches = [pack(splits["train"], mine[i: i + train_cfg.micro_batch_size]).to(device)
+                       for i in range(0, len(mine), train_cfg.micro_batch_size)]
+            step_targets = group.sum(torch.tensor(sum(b.n_targets for b in batches), device=device))
+            step_loss = group.sum(train_step(model, batches, autocast, train_cfg.loss_chunk_size, step_targets))
+            group.sum_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf)
             if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
                 optimizer.step()
@@ -205,7 +222,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
             last = done == plan.total_steps
             if (done % train_cfg.log_interval == 0 or last) and window.steps:
                 stats = window.summary(peak)
-                metrics.write({"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"],
+                log({"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"],
                                "lr": lr, "grad_norm": float(grad_norm),
                                "tokens_per_second": stats["tokens_per_second"], "mfu": stats["mfu"],
                                "supervised_tokens_per_second": stats["supervised_tokens_per_second"],
@@ -218,7 +235,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
                 eval_started = time.perf_counter()
                 val = validation_loss(model, splits["val"], config, autocast, device)
                 if val is not None:
-                    metrics.write({"step": done, "val_loss": val})
+                    log({"step": done, "val_loss": val})
                     bar.write(f"step {done}: validation loss {val:.4f}")
                     if state.best_val is None or val < state.best_val:
                         state.best_val, state.best_step, state.evals_without_gain = val, done, 0
@@ -240,12 +257,14 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
                                   f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
             if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
                 save_step(run_dir / f"step-{done:06d}", "step")
-                checkpoint.prune(run_dir, train_cfg.save_total_limit)
+                if group.is_main:
+                    checkpoint.prune(run_dir, train_cfg.save_total_limit)
             bar.update(1)
             if stopped_early:
                 break
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
 
     totals = overall.summary(peak)
     save_step(run_dir / "final", "final", train_loss=totals["loss"], best_val_loss=state.best_val)
