@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -209,7 +210,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
             else:
                 state.bad_steps_in_row += 1
                 state.skipped_steps += 1
-                bar.write(f"step {step + 1}: loss or gradient is not finite; step skipped "
+                _note(bar, f"step {step + 1}: loss or gradient is not finite; step skipped "
                           f"({state.bad_steps_in_row} in a row)")
             optimizer.zero_grad(set_to_none=True)
             state.step = done = step + 1
@@ -236,7 +237,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
                 val = validation_loss(model, splits["val"], config, autocast, device)
                 if val is not None:
                     log({"step": done, "val_loss": val})
-                    bar.write(f"step {done}: validation loss {val:.4f}")
+                    _note(bar, f"step {done}: validation loss {val:.4f}")
                     if state.best_val is None or val < state.best_val:
                         state.best_val, state.best_step, state.evals_without_gain = val, done, 0
                         save_step(run_dir / "best", "best", val_loss=val)
@@ -244,7 +245,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
                         state.evals_without_gain += 1
                     patience = train_cfg.early_stopping_patience
                     if patience and state.evals_without_gain >= patience and not last:
-                        bar.write(f"Early stopping at step {done}: no improvement for {patience} validation "
+                        _note(bar, f"Early stopping at step {done}: no improvement for {patience} validation "
                                   f"passes; best was {state.best_val:.4f} at step {state.best_step}")
                         stopped_early = True
                 paused = time.perf_counter() - eval_started  # throughput counts training time only
@@ -271,6 +272,11 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     final_loss = stats["loss"] if stats else totals["loss"]
     return TrainResult(state.step, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
                        final_loss, state.best_val, state.best_step, stopped_early)
+
+
+def _note(bar, message: str) -> None:
+    """A line above the progress bar, on stderr with the other messages (tqdm.write defaults to stdout)."""
+    bar.write(message, file=sys.stderr)
 
 
 def _diverged(state: LoopState, run_dir: Path, train_cfg) -> None:

@@ -1,0 +1,193 @@
+"""Never lose a run: kill-and-resume gives the same weights, corrupted checkpoints are detected and
+skipped, SIGINT saves and exits cleanly, non-finite steps are skipped then stop the run, a
+crafted pickle is never executed, a full disk is refused before writing, and 2 data-parallel
+CPU processes match one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, qa_rows, write_jsonl
+from tunesmith.cli import main
+from tunesmith.train import checkpoint
+
+
+def flags(model: Path, data: Path, out: Path, steps: int = 8, *extra) -> list[str]:
+    return [str(a) for a in ["finetune", "--model", model, "--data.path", data, "--out_dir", out,
+                             "--train.max_steps", steps, "--train.batch_size", 4, "--train.micro_batch_size", 2,
+                             "--train.learning_rate", 2e-2, "--train.warmup_steps", 2, "--train.save_interval", 2,
+                             "--train.save_total_limit", 10, "--train.eval_interval", 4, "--train.eval_iters", 2,
+                             "--train.log_interval", 1, "--train.precision", "fp32", "--train.device", "cpu",
+                             "--lora.r", 4, *extra]]
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", *args], cwd=REPO, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("resume-data") / "d.jsonl", qa_rows(40))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llama, data) -> Path:
+    """An uninterrupted run: the weights every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("resume-ref") / "run"
+    assert main(flags(llama, data, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("kill_after", ["step-000002", "step-000006"])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, llama, data, reference, kill_after):
+    out = tmp_path / "run"
+    process = popen(flags(llama, data, out))
+    wait_for(out / kill_after / "manifest.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert main(flags(llama, data, out, 8, "--resume")) == 0
+    ours, theirs = adapter(out / "final"), adapter(reference / "final")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key  # bitwise: CPU kernels here are deterministic
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))  # records of redone steps are not duplicated
+
+
+def test_corrupted_newest_checkpoint_is_reported_and_skipped(tmp_path, llama, data, reference, capsys):
+    out = tmp_path / "run"
+    assert main(flags(llama, data, out, 6)) == 0  # leaves step-2 and step-4 (6 is the last step)
+    weights = out / "step-000004" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    assert checkpoint.verify(out / "step-000004").startswith("corrupted")
+    (out / "step-000005").mkdir()  # a save that died before its manifest
+    folder, notes = checkpoint.latest_resumable(out)
+    assert folder == out / "step-000002"
+    assert any("step-000004 is corrupted" in n for n in notes) and any("step-000005 is incomplete" in n
+                                                                        for n in notes)
+    capsys.readouterr()
+    assert main(flags(llama, data, out, 8, "--resume")) == 0
+    assert "step-000004 is corrupted (adapter_model.safetensors does not match its checksum)" in \
+        capsys.readouterr().err
+    for key, value in adapter(out / "final").items():
+        assert torch.equal(value, adapter(reference / "final")[key])
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path, llama, data):
+    out = tmp_path / "run"
+    process = popen(flags(llama, data, out, 400, "--train.save_interval", 0))
+    wait_for(out / "metrics.jsonl", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    saved = [p for p in checkpoint.step_folders(out) if checkpoint.verify(p) is None]
+    assert len(saved) == 1 and (saved[0] / "optimizer.pt").is_file()
+    assert f"SIGINT at step {int(saved[0].name[5:])}: saved {saved[0]}" in stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path, llama, data, monkeypatch, capsys):
+    from tunesmith.train import loop
+
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def poisoned(model, batches, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_step(model, batches, *args, **kwargs)
+        if calls["n"] in (3,) or calls["n"] >= 6:  # one isolated bad step, then a run of them
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    out = tmp_path / "run"
+    code = main(flags(llama, data, out, 20, "--train.max_bad_steps", 3))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "step 3: loss or gradient is not finite; step skipped (1 in a row)" in err
+    assert "not finite for 3 steps in a row (through step 8)" in err
+    assert f"the last good checkpoint is {out / 'step-000006'}" in err
+    assert checkpoint.verify(out / "step-000006") is None
+    for value in adapter(out / "step-000006").values():
+        assert torch.isfinite(value).all()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if r.get("step") == 4 and "loss" in r] == [1]
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_not_executed(tmp_path, llama, data, capsys):
+    out = tmp_path / "run"
+    assert main(flags(llama, data, out, 4)) == 0
+    folder = out / "step-000002"
+    marker = tmp_path / "pwned"
+    torch.save({"state": Payload(marker), "param_groups": []}, folder / "optimizer.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())  # a forger would fix the checksum too
+    manifest["files"]["optimizer.pt"] = checkpoint._sha256(folder / "optimizer.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code = main(flags(llama, data, out, 4, "--resume", folder))
+    assert code == 2 and not marker.exists()
+    assert "cannot be loaded safely" in capsys.readouterr().err
+
+
+def test_full_disk_is_refused_before_writing(tmp_path, llama, data, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))
+    out = tmp_path / "run"
+    assert main(flags(llama, data, out, 4)) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space to save" in err and "nothing was written" in err
+    assert not list(out.glob("step-*")) and not list(out.glob("*.tmp"))
+
+
+def test_two_cpu_ranks_match_one_process(tmp_path, llama, data):
+    common = ["--train.eval_interval", 0, "--train.save_interval", 0, "--lora.dropout", 0]
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert main(flags(llama, data, single, 4, *common, "--train.micro_batch_size", 4)) == 0
+    process = subprocess.run([sys.executable, "-m", "tunesmith", *flags(llama, data, double, 4, *common,
+                              "--train.devices", 2)], cwd=REPO, env=dict(os.environ), capture_output=True,
+                             text=True, timeout=180)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "x 2 processes" in process.stderr
+    ours, theirs = adapter(double / "final"), adapter(single / "final")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
