@@ -105,7 +105,7 @@ def load_tokenizer(location: Path | str, *, quiet: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(location))
+        tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=False)
     except OSError as err:
         raise ModelError(f"cannot load a tokenizer from {location}: {err}") from None
     if tokenizer.eos_token is None:
@@ -127,8 +127,12 @@ def has_own_chat_template(tokenizer) -> bool:
 def load_model(location: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="sdpa")
+    if Path(str(location)).is_dir() and not list(Path(str(location)).glob("*.safetensors")):
+        raise ModelError(f"{location} has no .safetensors weights: tunesmith loads weights only from "
+                         "safetensors (pickle-based .bin files can run code when loaded)")
+    try:  # no code from the model's folder runs, and weights come only from safetensors
+        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a causal language model from {location}: {err}") from None
     return model.to(device)
