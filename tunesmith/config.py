@@ -23,12 +23,68 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+# Phrases that mark a response as canned assistant boilerplate rather than an answer.
+DEFAULT_DROP_PHRASES = [
+    "as an ai language model", "as a language model", "as an ai assistant", "i'm just an ai",
+    "i am just an ai", "i cannot fulfill", "i can't fulfill", "i'm unable to fulfill",
+    "i cannot provide assistance with", "trained by openai", "developed by openai",
+    "my knowledge cutoff", "i don't have personal opinions", "i do not have personal opinions",
+    "i hope this helps!",
+]
+
+
+class CleanConfig(Section):
+    whitespace: bool = Field(True, description="normalise whitespace: CRLF to LF, trailing spaces, odd "
+                             "spaces (NBSP, zero-width), 3+ blank lines; indentation is kept")
+    strip_prefixes: list[str] = Field([], description="prefixes cut from the start of every message, "
+                                      "e.g. ['Q. ', 'A. ']")
+    drop_phrases: list[str] = Field(DEFAULT_DROP_PHRASES, description="rows whose response contains one "
+                                    "of these (ignoring case) are removed; [] keeps all")
+    drop_empty: bool = Field(True, description="drop rows with an empty prompt or response (counted) "
+                             "instead of stopping with an error")
+    dedup: bool = Field(True, description="remove exact duplicate rows (same prompt and response, "
+                        "ignoring case, spacing and punctuation)")
+    near_dup_threshold: float | None = Field(
+        0.85, gt=0.0, le=1.0, description="remove near-duplicates: rows whose prompt and response both "
+        "reach this word-trigram Jaccard similarity (MinHash); none disables")
+    min_tokens: int = Field(0, ge=0, description="drop examples with fewer tokens than this "
+                            "(prompt + response; documents for data.format text)")
+    max_tokens: int | None = Field(None, ge=1, description="drop examples longer than this many "
+                                   "tokens instead of truncating them at max_seq_length")
+    leakage: Literal["remove", "report"] = Field(
+        "remove", description="val/test rows that duplicate (exactly or nearly) a train row: remove "
+        "them (honest evaluation) or only report them")
+
+
+# Fields a data.columns mapping may fill, by the row shape that reads them.
+COLUMN_TARGETS = ("instruction", "input", "output", "question", "answer", "prompt", "completion",
+                  "response", "messages", "conversations", "text", "system")
+
+
 class DataConfig(Section):
-    path: str | None = Field(None, description="training data: a JSON or JSONL file of rows")
+    path: str | None = Field(None, description="training data: JSON/JSONL, CSV/TSV, Parquet, HTML file "
+                             "or folder, SQLite database, .sql dump, folder of .txt/.md files, or a "
+                             "datasets folder written by save_to_disk")
     val_path: str | None = Field(None, description="explicit validation file (else split from path)")
     test_path: str | None = Field(None, description="explicit test file (else split from path)")
-    format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages"] = Field(
-        "auto", description="row shape; auto detects it from the keys and says which it chose")
+    format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text"] = Field(
+        "auto", description="row shape; auto detects it from the keys and says which it chose; "
+        "text: continued pre-training on raw documents, every token trained on")
+    columns: dict[str, str] | None = Field(None, description="our field <- your column, e.g. "
+                                           "{question: Description, answer: Doctor}")
+    query: str | None = Field(None, description="SQLite database or .sql dump: the SELECT giving the rows")
+    table: str | None = Field(None, description="SQLite database or .sql dump: the table giving the rows "
+                              "(instead of query)")
+    html_split: Literal["page", "headings"] = Field(
+        "page", description="HTML: one row per page, or one per section under each heading "
+        "(fields title, heading, body, text)")
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="multi-turn chats: train on every assistant turn, or only the last")
+    folds: int = Field(1, ge=1, description="k > 1: k-fold cross-validation; after the test split the "
+                       "rows are cut into k parts and fold i validates on part i (val_split unused)")
+    fold: int = Field(0, ge=0, description="with folds > 1: the one fold to prepare/train (1..folds); "
+                      "0 runs every fold in turn, each in <run>/fold-<i>")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="cleaning before the split")
     template: str = Field(
         "auto", description="auto (model's chat template, else alpaca) | chat | alpaca | qa | "
         "a custom string with {prompt} (and optionally {input}, {system})")
@@ -47,11 +103,20 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="passes over the training split (ignored if max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from 0 to learning_rate")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="decay after warmup")
+    lr_schedule: Literal["cosine", "linear", "constant", "step", "exponential", "cosine_restarts"] = Field(
+        "cosine", description="decay after warmup: cosine | linear | constant | step (x lr_gamma every "
+        "lr_step_size steps) | exponential (x lr_gamma every step) | cosine_restarts (SGDR cycles)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final rate as a share of the peak")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
-    optimizer: Literal["adamw"] = Field("adamw", description="optimizer")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = Field(
+        "adamw", description="adamw | adamw_8bit (bitsandbytes) | paged_adamw_8bit, paged_adamw_32bit (CUDA; "
+        "adamw_8bit / adamw on CPU) | adafactor (factored second moments) | sgd (with momentum)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum (0 for plain SGD)")
+    lr_step_size: int = Field(100, ge=1, description="step schedule: steps after warmup between decays")
+    lr_gamma: float | None = Field(None, gt=0.0, le=1.0, description="step: factor per decay (default 0.5); "
+                                   "exponential: factor per step (default: reaches min_lr_ratio at the last step)")
+    restart_steps: int = Field(100, ge=1, description="cosine_restarts: length of the first cycle in steps")
+    restart_mult: int = Field(1, ge=1, description="cosine_restarts: each cycle is this many times longer")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     grad_clip: float | None = Field(1.0, description="max global gradient norm (none to disable)")
     eval_interval: int = Field(50, ge=0, description="steps between validation passes (0: only at the end)")
@@ -64,6 +129,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware has it (this CPU's avx512_bf16, CUDA), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    compile: bool = Field(False, description="torch.compile each transformer layer (dynamic shapes); "
+                          "off by default: see bench/RESULTS.md for what it pays here")
     devices: int = Field(1, ge=1, description="data-parallel processes on this machine (GPUs, or CPU "
                          "processes); under torchrun the launcher decides")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -80,6 +147,18 @@ class LoraConfig(Section):
         "all-linear", description="all-linear, or a list of module names (e.g. [q_proj, v_proj])")
 
 
+class QloraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit format of the frozen base weights")
+    double_quant: bool = Field(True, description="also quantize the per-block scales (saves ~0.4 bit/weight)")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantized to for the maths (auto: the run's precision)")
+
+
+class PromptAdapterConfig(Section):
+    length: int = Field(10, ge=1, description="adapter (method: adapter): learned prompt tokens per layer")
+    layers: int | None = Field(None, ge=1, description="adapter: top layers that get prompts (default: all)")
+
+
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="test rows to generate answers for")
     max_new_tokens: int | None = Field(None, ge=1, description="answer length cap (default: from references)")
@@ -90,7 +169,9 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     model: str = Field(DEFAULT_MODEL, description="alias, local HF directory, .gguf file, or hub id")
-    method: Literal["lora", "full"] = Field("lora", description="lora (adapter) or full (all weights)")
+    method: Literal["lora", "full", "qlora", "dora", "adapter"] = Field(
+        "lora", description="lora (low-rank adapter) | full (all weights) | qlora (LoRA on a 4-bit base) | "
+        "dora (weight-decomposed LoRA) | adapter (LLaMA-Adapter prompts; llama, mistral, gpt2)")
     name: str | None = Field(None, description="run name (default: from the data file)")
     out_dir: str | None = Field(None, description="run directory (default: out/<name>)")
     resume: bool | str = Field(False, description="finetune: continue from the latest complete step-* "
@@ -98,6 +179,8 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    adapter: PromptAdapterConfig = Field(default_factory=PromptAdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
@@ -116,7 +199,8 @@ def _default_name(path: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "run"
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "lora": LoraConfig, "eval": EvalConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "lora": LoraConfig, "qlora": QloraConfig,
+            "adapter": PromptAdapterConfig, "eval": EvalConfig}
 
 
 def field_docs() -> list[tuple[str, str, str]]:
@@ -124,10 +208,20 @@ def field_docs() -> list[tuple[str, str, str]]:
     rows = []
     for name, field in RunConfig.model_fields.items():
         if name in SECTIONS:
-            for key, sub in SECTIONS[name].model_fields.items():
-                rows.append((f"{name}.{key}", _show(sub.default), sub.description or ""))
+            rows += _section_docs(name, SECTIONS[name])
         else:
             rows.append((name, _show(field.default), field.description or ""))
+    return rows
+
+
+def _section_docs(prefix: str, section: type[Section]) -> list[tuple[str, str, str]]:
+    rows = []
+    for key, sub in section.model_fields.items():
+        nested = sub.annotation if isinstance(sub.annotation, type) else None
+        if nested is not None and issubclass(nested, Section):  # e.g. data.clean.*
+            rows += _section_docs(f"{prefix}.{key}", nested)
+        else:
+            rows.append((f"{prefix}.{key}", _show(sub.default), sub.description or ""))
     return rows
 
 
@@ -267,10 +361,33 @@ def semantic_problems(values: _Lookup) -> list[str]:
     val, test = values.get("data.val_split"), values.get("data.test_split")
     if _all((int, float), val, test) and val + test >= 1.0:
         problems.append(f"data.val_split={val} + data.test_split={test} leave no training rows")
+    problems += _data_problems(values)
     devices = values.get("train.devices")
     if _all(int, devices, batch) and devices > batch:
         problems.append(f"train.devices={devices} is more than train.batch_size={batch}: "
                         "each device needs at least one example per step")
+    return problems
+
+
+def _data_problems(values: _Lookup) -> list[str]:
+    problems = []
+    folds, fold = values.get("data.folds"), values.get("data.fold")
+    if _all(int, folds, fold) and folds > 1 and fold > folds:
+        problems.append(f"data.fold={fold} is more than data.folds={folds}")
+    if _all(int, folds, fold) and folds == 1 and fold > 0:
+        problems.append(f"data.fold={fold} needs data.folds > 1 (k-fold cross-validation)")
+    if _all(int, folds) and folds > 1 and values.get("data.val_path"):
+        problems.append("data.folds > 1 makes the validation parts itself; drop data.val_path")
+    columns = values.get("data.columns")
+    if isinstance(columns, dict):
+        for target in columns:
+            if target not in COLUMN_TARGETS:
+                close = difflib.get_close_matches(str(target), COLUMN_TARGETS, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"data.columns.{target}: not a field tunesmith reads{hint}; "
+                                f"fields: {', '.join(COLUMN_TARGETS)}")
+    if values.get("data.query") and values.get("data.table"):
+        problems.append("data.query and data.table both set: give one")
     return problems
 
 

@@ -166,6 +166,8 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
     if train_cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    if train_cfg.compile:
+        _compile_layers(model)
     state = LoopState()
     if resume_from is not None:
         state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer))
@@ -292,6 +294,13 @@ def _enable_gradient_checkpointing(model) -> None:
     hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+
+
+def _compile_layers(model) -> None:
+    """Compile each repeated block once, with dynamic sequence lengths (packed rows vary)."""
+    layers = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    for layer in layers[0] if layers else []:
+        layer.compile(dynamic=True)
 
 
 def describe(result: TrainResult, run_dir: Path) -> list[str]:
