@@ -36,10 +36,11 @@ class CliResult:
     err: str
 
 
-def run_subprocess(*args, timeout: float = 120) -> CliResult:
+def run_subprocess(*args, timeout: float = 300) -> CliResult:
     """Run `python -m tunesmith ARGS` as a real process, as a user would."""
-    process = subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True,
-                             text=True, timeout=timeout, cwd=REPO, env=dict(os.environ))
+    command = [sys.executable, "-m", "tunesmith", *map(str, args)]
+    process = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout, cwd=REPO,
+                             env=dict(os.environ))
     return CliResult(process.returncode, process.stdout, process.stderr)
 
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import qa_rows, write_json, write_jsonl
+
 from tunesmith import config as config_module
 from tunesmith.data import prepare as prepare_module
 from tunesmith.data.formats import detect_format, load_examples, read_rows
@@ -22,12 +22,14 @@ def user_assistant(user: str, answer: str) -> list[dict]:
 SHAPES = [  # (row, detected format, expected messages, instruction, input)
     ({"instruction": "Translate", "input": "chat", "output": "cat"}, "alpaca",
      user_assistant("Translate\n\nchat", "cat"), "Translate", "chat"),
-    ({"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca", user_assistant("Say hi", "hi"), "Say hi", ""),
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca",
+     user_assistant("Say hi", "hi"), "Say hi", ""),
     ({"instruction": "Say hi", "output": "hi"}, "alpaca", user_assistant("Say hi", "hi"), "Say hi", ""),
     ({"question": "Capital of France?", "answer": "Paris"}, "qa",
      user_assistant("Capital of France?", "Paris"), "Capital of France?", ""),
     ({"prompt": "2+2=", "completion": "4"}, "prompt_completion", user_assistant("2+2=", "4"), "2+2=", ""),
-    ({"instruction": "Greet", "response": "hello"}, "prompt_completion", user_assistant("Greet", "hello"), "Greet", ""),
+    ({"instruction": "Greet", "response": "hello"}, "prompt_completion",
+     user_assistant("Greet", "hello"), "Greet", ""),
     ({"input": "ping", "output": "pong"}, "prompt_completion", user_assistant("ping", "pong"), "ping", ""),
     ({"question": "How many?", "answer": 3}, "qa", user_assistant("How many?", "3"), "How many?", ""),
 ]
@@ -107,8 +109,10 @@ def test_explicit_format_overrides_detection(tmp_path):
     ('{"question": "a", "answer": ["x"]}\n', r"d\.jsonl:1: field 'answer' must be text, got list"),
     ('{"question": "a", "answer": "b"}\n"text"\n', r"d\.jsonl:2: expected a JSON object, got str"),
     ('[{"question": "a", "answer": "b"}, 2]\n', r"d\.jsonl: item 2 is a int, expected an object"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"d\.jsonl:1: the last message must be the assistant"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', r"d\.jsonl:1: message 1 has unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n',
+     r"d\.jsonl:1: the last message must be the assistant"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}\n',
+     r"d\.jsonl:1: message 1 has unknown role 'robot'"),
     ('{"messages": []}\n', r"d\.jsonl:1: 'messages' must be a non-empty list"),
     ('', r"d\.jsonl: the file has no rows"),
     ('\n\n', r"d\.jsonl: the file has no rows"),
@@ -153,7 +157,8 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str, list[str]]]:
         "malformed": (malformed, f"{malformed}:2: not valid JSON", []),
         "unknown-format": (write_jsonl(folder / "f.jsonl", [{"a": 1, "b": 2}]),
                            "cannot tell the data format from the keys ['a', 'b']", []),
-        "missing-field": (write_jsonl(folder / "m.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}]),
+        "missing-field": (write_jsonl(folder / "m.jsonl", [{"prompt": "p", "completion": "c"},
+                                                           {"prompt": "p"}]),
                           f"{folder / 'm.jsonl'}:2: missing fields for format prompt_completion", []),
         "empty": (write_jsonl(folder / "empty.jsonl", []), "the file has no rows", []),
         "too-short": (long_prompt, "data.max_seq_length=16 is too small", ["--data.max_seq_length", "16"]),
@@ -226,7 +231,8 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
     assert split_ids(make_config(tmp_path, path, seed=1)) == first
     other = split_ids(make_config(tmp_path, path, seed=2))
     assert other["test"] != first["test"] and other["val"] != first["val"]
-    assert sorted(sum(other.values(), [])) == sorted(sum(first.values(), []))
+    everything = sorted(where for ids in first.values() for where in ids)
+    assert sorted(where for ids in other.values() for where in ids) == everything
 
 
 def test_small_datasets_still_get_val_and_test_rows(tmp_path):
@@ -285,7 +291,8 @@ def test_prepared_split_layout(tmp_path, tokenizer):
     for name in ("train", "val", "test"):
         split, rows = prepared.splits[name], prepared.rows(name)
         assert len(split) == len(rows) == prepared.manifest["counts"][name]["examples"]
-        assert int(split.offsets[-1]) == split.input_ids.shape[0] == prepared.manifest["counts"][name]["tokens"]
+        tokens = prepared.manifest["counts"][name]["tokens"]
+        assert int(split.offsets[-1]) == split.input_ids.shape[0] == tokens
         assert int(split.supervised.sum()) == prepared.manifest["counts"][name]["supervised_tokens"]
     row = prepared.rows("test")[0]
     assert row["prompt"].endswith("<|im_start|>assistant\n")  # the text generate() is given
@@ -306,8 +313,8 @@ def test_truncation_is_counted_and_empty_responses_dropped(tmp_path, tokenizer):
     assert counts["dropped_no_response"] == 1
     assert counts["examples"] == 4
     split = prepared.splits["train"]
-    assert split.lengths.tolist() == [len(e) for e in map(lambda i: split.example(i)[0], range(4))]
-    long_index = [r["reference"] for r in prepared.rows("train")].index("word " * 40)
+    assert split.lengths.tolist() == [len(split.example(i)[0]) for i in range(4)]
+    long_index = [r["reference"].strip() for r in prepared.rows("train")].index(("word " * 40).strip())
     ids, supervised = split.example(long_index)
     assert len(ids) == 24 and supervised[-1]  # cut at the limit, still trained on what is left
     lines = prepare_module.summary_lines(prepared)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from tiny import CHAT_TEMPLATE
+
 from tunesmith.data.formats import Example, to_example
 from tunesmith.data.templates import ALPACA_HEAD, ALPACA_HEAD_INPUT, Encoder, choose, pieces, prompt_text
 from tunesmith.errors import ConfigError, DataError
@@ -35,8 +35,8 @@ def encode(tokenizer, spec: str, example: Example, mask_prompt: bool = True, sys
 
 
 QA_ROW = to_example({"question": "Capital of France?", "answer": "Paris"}, "d.jsonl:1", "qa")
-ALPACA_ROW = to_example({"instruction": "Translate to English", "input": "chat", "output": "cat"}, "d.jsonl:2",
-                        "alpaca")
+ALPACA_ROW = to_example({"instruction": "Translate to English", "input": "chat", "output": "cat"},
+                        "d.jsonl:2", "alpaca")
 MULTI_TURN = to_example({"messages": [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi"},
@@ -59,8 +59,8 @@ def test_chat_template_with_system_prompt(tokenizer):
     _, ids, supervised = encode(tokenizer, "chat", QA_ROW, system_prompt="Be brief.")
     trained, untrained = runs(tokenizer, ids, supervised)
     assert trained == ["Paris<|im_end|>"]
-    assert untrained == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?"
-                         "<|im_end|>\n<|im_start|>assistant\n"]
+    assert untrained == [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?"
+                          "<|im_end|>\n<|im_start|>assistant\n")]
 
 
 def test_multi_turn_chat_supervises_every_assistant_turn_and_nothing_else(tokenizer):
@@ -108,7 +108,7 @@ def test_custom_string_template(tokenizer):
 
 @pytest.mark.parametrize("spec", ["chat", "alpaca", "qa", "Q: {prompt}\nA: "])
 def test_mask_prompt_false_supervises_everything(tokenizer, spec):
-    template, ids, supervised = encode(tokenizer, spec, QA_ROW, mask_prompt=False)
+    _, ids, supervised = encode(tokenizer, spec, QA_ROW, mask_prompt=False)
     assert all(supervised)
     _, masked_ids, masked = encode(tokenizer, spec, QA_ROW)
     assert ids == masked_ids  # the same tokens, only the labels differ
@@ -145,7 +145,7 @@ def test_chat_template_without_eos_gets_one_added(plain_tokenizer):
 
 def test_single_turn_templates_refuse_multi_turn_rows(tokenizer):
     for spec in ("alpaca", "qa", "Q: {prompt}"):
-        with pytest.raises(DataError, match=r"d\.jsonl:3: a multi-turn conversation needs data.template: chat"):
+        with pytest.raises(DataError, match=r"d\.jsonl:3: a multi-turn conversation needs data\.template"):
             pieces(choose(spec, tokenizer), MULTI_TURN, tokenizer)
 
 
@@ -163,7 +163,8 @@ def bos_tokenizer(tokenizer):
 
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)])
+    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                special_tokens=[("<|endoftext|>", bos_id)])
     out = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     out.chat_template = tokenizer.chat_template

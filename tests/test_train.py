@@ -3,13 +3,14 @@ down, the learning-rate schedule follows its formulas, and the step plan is seed
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
-
 from helpers import fast_train_flags, write_jsonl
+
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.batching import StepPlan, pack
@@ -24,7 +25,8 @@ def uneven_split(vocab_size: int) -> TokenizedSplit:
     generator = torch.Generator().manual_seed(3)
     ids, supervised = [], []
     for prompt_length, answer_length in ((3, 2), (14, 9), (6, 1), (9, 20)):
-        ids.append(torch.randint(3, vocab_size, (prompt_length + answer_length,), generator=generator).tolist())
+        length = prompt_length + answer_length
+        ids.append(torch.randint(3, vocab_size, (length,), generator=generator).tolist())
         supervised.append([False] * prompt_length + [True] * answer_length)
     return TokenizedSplit.from_lists(ids, supervised)
 
@@ -50,22 +52,22 @@ def test_accumulation_gives_the_same_gradients_as_one_big_micro_batch(llama):
     torch.testing.assert_close(four_loss, one_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two_loss, one_loss, rtol=1e-5, atol=1e-5)
     for name in one:
-        torch.testing.assert_close(four[name], one[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    # the step loss is the mean over supervised tokens of the whole step, not a mean of means
+        for other in (four, two):
+            torch.testing.assert_close(other[name], one[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+    # the step loss is the mean over the supervised tokens of the whole step (not a mean of means)
     targets = split.target_counts().tolist()
     assert targets == [2, 9, 1, 20]
     singles = [float(gradients_of(model, split, [[i]])[0]) for i in range(4)]
     expected = sum(loss * n for loss, n in zip(singles, targets)) / sum(targets)
     assert float(one_loss) == pytest.approx(expected, rel=1e-5)
-    assert float(one_loss) != pytest.approx(sum(singles) / 4, rel=1e-3)
 
 
 def test_step_plan_is_seeded_and_covers_each_epoch():
     plan = StepPlan.build(10, batch_size=4, micro_batch_size=2, epochs=2, max_steps=None, seed=5)
     assert plan.total_steps == 5  # ceil(2 epochs x 10 examples / 4)
     assert plan.micro_batches(0) == [plan.step_indices(0)[:2], plan.step_indices(0)[2:]]
-    first_epoch = sum((plan.step_indices(s) for s in range(2)), []) + plan.step_indices(2)[:2]
+    first_epoch = plan.step_indices(0) + plan.step_indices(1) + plan.step_indices(2)[:2]
     assert sorted(first_epoch) == list(range(10))  # a permutation: every example once per epoch
     again = StepPlan.build(10, 4, 2, 2, None, seed=5)
     assert [again.step_indices(s) for s in range(5)] == [plan.step_indices(s) for s in range(5)]
@@ -99,7 +101,7 @@ def test_schedules_follow_their_formulas(schedule):
         assert lr_at(step, total, train) == pytest.approx(expected, rel=1e-12), step
     # after warmup the rate never rises, and never goes below the floor
     rates = [lr_at(s, total, train) for s in range(warmup - 1, total + 3)]
-    assert all(b <= a + 1e-15 for a, b in zip(rates, rates[1:]))
+    assert all(b <= a + 1e-15 for a, b in itertools.pairwise(rates))
     assert min(rates) >= floor - 1e-15
     assert lr_at(total, total, train) == pytest.approx(peak if schedule == "constant" else floor)
 
@@ -122,10 +124,11 @@ def test_weight_decay_only_on_matrices(llama):
 def test_loss_goes_down_and_metrics_are_logged(cli, llama, tmp_path):
     rows = [{"question": f"Say the word number {i}", "answer": word}
             for i, word in enumerate(["red", "green", "blue", "yes"])]
-    path = write_jsonl(tmp_path / "words.jsonl", rows * 2)
+    path = write_jsonl(tmp_path / "words.jsonl", rows)
     run_dir = tmp_path / "run"
     result = cli("finetune", "--model", llama, "--method", "full", "--data.path", path, "--out_dir", run_dir,
-                 "--data.val_split", 0, "--data.test_split", 0, *fast_train_flags(max_steps=12, batch=4, micro=2),
+                 "--data.val_split", 0, "--data.test_split", 0,
+                 *fast_train_flags(max_steps=12, batch=4, micro=2),
                  "--train.learning_rate", 1e-2, "--train.lr_schedule", "constant", "--train.warmup_steps", 2)
     assert result.code == 0, result.err
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -33,10 +33,34 @@ def _evaluate(cfg):
     return compare.main(cfg)
 
 
+def _inspect(cfg):
+    from tunesmith.data import doctor
+
+    return doctor.main(cfg)
+
+
+def _report(cfg):
+    from tunesmith import report
+
+    return report.main(cfg)
+
+
 def _generate(argv):
     from tunesmith.infer import generate
 
     return generate.main(argv)
+
+
+def _chat(argv):
+    from tunesmith.infer import chat
+
+    return chat.main(argv)
+
+
+def _serve(argv):
+    from tunesmith.infer import serve
+
+    return serve.main(argv)
 
 
 def _demo(argv):
@@ -45,14 +69,49 @@ def _demo(argv):
     return demo.main(argv)
 
 
+def _merge(argv):
+    from tunesmith import merge
+
+    return merge.main(argv)
+
+
+def _export(argv):
+    from tunesmith import export
+
+    return export.main(argv)
+
+
+def _estimate(argv):
+    from tunesmith import estimate
+
+    return estimate.main(argv)
+
+
 # verb → (entry point, takes a config?, one-line description)
 VERBS = {
     "prepare": (_prepare, True, "clean, split, template and tokenize the data into <run>/data"),
-    "finetune": (_finetune, True, "train (LoRA or full) and write checkpoints, metrics and curves"),
-    "evaluate": (_evaluate, True, "base vs fine-tuned on held-out rows: loss, exact match, F1"),
+    "inspect": (_inspect, True, "the data doctor: counts, cleaning, lengths, leakage, a verdict"),
+    "finetune": (_finetune, True, "train (LoRA, QLoRA, DoRA, prompt adapters or full); checkpoints, metrics, curves"),
+    "evaluate": (_evaluate, True, ("base vs fine-tuned on held-out rows: loss, exact match, F1, BLEU, "
+                                   "ROUGE, error analysis; --tasks (lm-eval benchmarks), --bias (bias probe)")),
+    "report": (_report, True, "one self-contained report.html: config, data, curves, diagnosis, evaluation"),
     "generate": (_generate, False, "answer a prompt with a base model or a fine-tuned run"),
+    "chat": (_chat, False, "talk to a base model, a fine-tuned run or a merged model in the terminal"),
+    "serve": (_serve, False, "an OpenAI-compatible HTTP server for a base model and its adapters"),
+    "merge": (_merge, False, "fold a LoRA/DoRA/QLoRA adapter into the base: a plain HF model directory"),
+    "export": (_export, False, "write the fine-tuned model as GGUF (f16, q8_0), checked by reloading it"),
+    "estimate": (_estimate, False, "memory by component, FLOPs, and the micro batch that fits, without weights"),
     "demo": (_demo, False, "the built-in end-to-end demo: evaluate, fine-tune, evaluate again"),
 }
+
+
+# Short flags a verb accepts for its most used keys: `evaluate --tasks arc_easy --bias`.
+SHORT_FLAGS = {"evaluate": {"--tasks": "--eval.tasks", "--bias": "--eval.bias"}}
+
+
+def _long_flag(verb: str, arg: str) -> str:
+    flag, equals, value = arg.partition("=")
+    return SHORT_FLAGS.get(verb, {}).get(flag, flag) + equals + value
 
 
 def usage() -> str:
@@ -67,6 +126,8 @@ def config_help(verb: str) -> str:
              VERBS[verb][2], "", "config keys (YAML or --key value):"]
     for key, default, doc in config_module.field_docs():
         lines.append(f"  --{key:32} {doc} [default: {default}]")
+    for short, long in SHORT_FLAGS.get(verb, {}).items():
+        lines.append(f"  {short:34} short for {long}")
     return "\n".join(lines)
 
 
@@ -97,6 +158,7 @@ def run(argv: list[str]) -> int:
     entry, takes_config, _ = VERBS[verb]
     if not takes_config:
         return entry(rest)
+    rest = [_long_flag(verb, arg) for arg in rest]
     if "-h" in rest or "--help" in rest:
         print(config_help(verb))
         return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.errors import ConfigError
 
@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 # Phrases that mark a response as canned assistant boilerplate rather than an answer.
 DEFAULT_DROP_PHRASES = [
-    "as an ai language model", "as a language model", "as an ai assistant", "i'm just an ai",
+    "as an ai language model", "as an ai assistant", "i'm just an ai",
     "i am just an ai", "i cannot fulfill", "i can't fulfill", "i'm unable to fulfill",
     "i cannot provide assistance with", "trained by openai", "developed by openai",
     "my knowledge cutoff", "i don't have personal opinions", "i do not have personal opinions",
@@ -39,7 +39,8 @@ class CleanConfig(Section):
     strip_prefixes: list[str] = Field([], description="prefixes cut from the start of every message, "
                                       "e.g. ['Q. ', 'A. ']")
     drop_phrases: list[str] = Field(DEFAULT_DROP_PHRASES, description="rows whose response contains one "
-                                    "of these (ignoring case) are removed; [] keeps all")
+                                    "of these (ignoring case) are removed; [] keeps all; not applied to "
+                                    "documents (data.format text)")
     drop_empty: bool = Field(True, description="drop rows with an empty prompt or response (counted) "
                              "instead of stopping with an error")
     dedup: bool = Field(True, description="remove exact duplicate rows (same prompt and response, "
@@ -70,8 +71,9 @@ class DataConfig(Section):
     format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text"] = Field(
         "auto", description="row shape; auto detects it from the keys and says which it chose; "
         "text: continued pre-training on raw documents, every token trained on")
-    columns: dict[str, str] | None = Field(None, description="our field <- your column, e.g. "
-                                           "{question: Description, answer: Doctor}")
+    columns: dict[str, str] | None = Field(None, description="our field <- your column: {question: "
+                                           "Description, answer: Doctor} (flags: --data.columns.question "
+                                           "Description)")
     query: str | None = Field(None, description="SQLite database or .sql dump: the SELECT giving the rows")
     table: str | None = Field(None, description="SQLite database or .sql dump: the table giving the rows "
                               "(instead of query)")
@@ -136,6 +138,8 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = Field(42, description="seed of model init, dropout and data order")
     log_interval: int = Field(10, ge=1, description="steps between metric log lines")
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars (loss, val loss, lr, "
+                              "tokens/s, grad norm) to <run>/tensorboard (needs tunesmith[tensorboard])")
     loss_chunk_size: int = Field(1024, ge=16, description="supervised positions per chunk of the output layer")
 
 
@@ -163,8 +167,34 @@ class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="test rows to generate answers for")
     max_new_tokens: int | None = Field(None, ge=1, description="answer length cap (default: from references)")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
-    normalize: bool = Field(False, description="compare answers ignoring case, punctuation and spacing")
+    normalize: bool | list[Literal["case", "punctuation", "whitespace"]] = Field(
+        False, description="compare answers ignoring case, punctuation and spacing (true), or only "
+        "the listed ones, e.g. [case, whitespace]; applies to exact match, BLEU and ROUGE")
     compare_base: bool = Field(True, description="also evaluate the base model, side by side")
+    group_by: str | None = Field(None, description="error analysis: the data field to group failures by "
+                                 "(e.g. task); default: a field named task/category/type/... if the data has one")
+    error_examples: int = Field(3, ge=0, description="error analysis: example rows shown per group")
+    tasks: list[str] = Field([], description="benchmarks through lm-evaluation-harness, e.g. "
+                             "arc_easy,hellaswag,mmlu,truthfulqa_mc2 (needs tunesmith[benchmarks])")
+    tasks_dir: str | None = Field(None, description="folder of extra lm-eval task YAML files "
+                                  "(local data, offline); searched before the built-in tasks")
+    tasks_limit: int | None = Field(None, ge=1, description="benchmarks: at most this many examples per task")
+    tasks_fewshot: int | None = Field(None, ge=0, description="benchmarks: few-shot examples (default: the task's)")
+    bias: bool = Field(False, description="run the counterfactual bias probe (swapped names, pronouns, "
+                       "nationalities): log-likelihood of the same answers, base vs tuned")
+    bias_pairs: str | None = Field(None, description="bias probe: a YAML/JSONL file of extra probes "
+                                   "{prompt with {X}, swap: [a, b], answers: [...], category}")
+    bias_threshold: float = Field(1.0, gt=0, description="bias probe: flag an answer whose share among the "
+                                  "probe's answers shifts by more than this between the swapped prompts "
+                                  "(nats; 1.0 = 2.7x)")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value):
+        """--eval.tasks arc_easy,hellaswag arrives as one string."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
 
 class RunConfig(Section):

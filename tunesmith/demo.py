@@ -97,6 +97,9 @@ def main(argv: list[str]) -> int:
     results, _ = compare.evaluate(config, tuned=True, known=known)
     base = results["base"]
     compare.print_table(results)
+    from tunesmith.report import write_report
+
+    say(f"Report: {write_report(config)}")  # curves, diagnosis, the table above, errors, samples
     summary = {"base_exact_match": base["exact_match"], "tuned_exact_match": results["tuned"]["exact_match"],
                "base_token_f1": base["token_f1"], "tuned_token_f1": results["tuned"]["token_f1"],
                "base_test_loss": base["test_loss"], "tuned_test_loss": results["tuned"]["test_loss"],

@@ -17,8 +17,8 @@ from tunesmith.data.prepare import prepare, summary_lines
 from tunesmith.data.templates import choose
 from tunesmith.device import pick_device, pick_dtype
 from tunesmith.log import say
-from tunesmith.model.adapters import count_parameters, prepare_for_training
-from tunesmith.model.load import load_model, load_tokenizer, resolve
+from tunesmith.model.adapters import count_parameters, load_for_training, prepare_for_training
+from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train import checkpoint, distributed, loop
 
 
@@ -39,7 +39,7 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     device = pick_device(device_name)
     dtype = pick_dtype(config.train.precision, device)
     torch.manual_seed(config.train.seed)
-    model = load_model(location, dtype=torch.float32, device=str(device))
+    model = load_for_training(location, config, str(device), dtype)
     model = prepare_for_training(model, config, dtype)
     trainable, total = count_parameters(model)
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({config.method})")
@@ -50,6 +50,9 @@ def finetune(config: RunConfig) -> loop.TrainResult:
         distributed.stop(group)
     if group.is_main:
         plots.curves(run_dir)
+        from tunesmith.report import write_report
+
+        write_report(config)  # curves and diagnosis now; `evaluate` adds its results to it
     return result
 
 
@@ -65,7 +68,8 @@ def launch_ranks(config: RunConfig) -> int:
 
 
 # Keys that must match between a checkpoint and the run resuming it (they shape data and model).
-MUST_MATCH = ("model", "method", "data", "lora", "train.batch_size", "train.micro_batch_size", "train.seed")
+MUST_MATCH = ("model", "method", "data", "lora", "qlora", "adapter", "train.batch_size", "train.micro_batch_size",
+              "train.seed")
 
 
 def resume_point(config: RunConfig) -> Path | None:
@@ -99,6 +103,10 @@ def _get(tree: dict, dotted: str):
 
 
 def main(config: RunConfig) -> int:
+    if config.data.folds > 1 and config.data.fold == 0:  # k-fold: every fold in turn, then mean ± std
+        from tunesmith.crossval import run_folds
+
+        return run_folds(config, main)
     if config.train.devices > 1 and not distributed.under_torchrun():
         return launch_ranks(config)
     result = finetune(config)
@@ -110,4 +118,9 @@ def main(config: RunConfig) -> int:
 def _report(result: loop.TrainResult, config: RunConfig) -> None:
     for line in loop.describe(result, config.run_dir):
         print(line)
-    print(f"Run directory: {config.run_dir}  (curves in {config.run_dir / 'plots'})")
+    from tunesmith.evaluate.diagnose import diagnose_run
+
+    for line in diagnose_run(config.run_dir).lines():
+        print(line)
+    print(f"Run directory: {config.run_dir}  (curves in {config.run_dir / 'plots'}, "
+          f"report {config.run_dir / 'report.html'})")

@@ -21,8 +21,11 @@ SHAPES = [
     ("prompt_completion", "instruction", None, "response"),
     ("prompt_completion", "input", None, "output"),
 ]
-FORMATS = ("alpaca", "qa", "prompt_completion", "messages")
+FORMATS = ("alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text")
 ROLES = {"system", "user", "assistant"}
+# ShareGPT speakers ("from") and the chat role each one is.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "system": "system"}
 
 
 @dataclass
@@ -95,17 +98,26 @@ def detect_format(rows: list[tuple[dict, str]], source: str) -> str:
     keys = set(rows[0][0])
     if "messages" in keys:
         return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
     for name, prompt_key, _, response_key in SHAPES:
         if prompt_key in keys and response_key in keys:
             return name
+    if "text" in keys:
+        return "text"
     raise DataError(f"{rows[0][1]}: cannot tell the data format from the keys {sorted(keys)}; expected "
                     "instruction/input/output, question/answer, prompt/completion, "
-                    "instruction/response, input/output or messages (or set data.format)")
+                    "instruction/response, input/output, messages, conversations (ShareGPT) or text "
+                    "(or set data.format, or map your columns with data.columns)")
 
 
 def to_example(row: dict, where: str, fmt: str) -> Example:
     if fmt == "messages":
         return _from_messages(row, where)
+    if fmt == "sharegpt":
+        return _from_sharegpt(row, where)
+    if fmt == "text":
+        return _from_text(row, where)
     for name, prompt_key, input_key, response_key in SHAPES:
         if name == fmt and prompt_key in row and response_key in row:
             return _single_turn(row, where, prompt_key, input_key, response_key)
@@ -150,7 +162,7 @@ def _from_messages(row: dict, where: str) -> Example:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: message {turn_number} needs 'role' and 'content'")
         role = message["role"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{where}: message {turn_number} has unknown role {role!r} "
                             f"(expected one of {sorted(ROLES)})")
         if not isinstance(message["content"], str):
@@ -163,6 +175,34 @@ def _from_messages(row: dict, where: str) -> Example:
     users = [m["content"] for m in clean if m["role"] == "user"]
     instruction = users[-1] if users else ""
     return Example(clean, instruction, "", where)
+
+
+def _from_sharegpt(row: dict, where: str) -> Example:
+    """ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for turn_number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: turn {turn_number} needs 'from' and 'value'")
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataError(f"{where}: turn {turn_number} has unknown role {speaker!r} in 'from' "
+                            f"(expected one of {sorted(SHAREGPT_ROLES)})")
+        messages.append({"role": role, "content": turn["value"]})
+    return _from_messages({"messages": messages}, where)
+
+
+def _from_text(row: dict, where: str) -> Example:
+    """A document for continued pre-training: one assistant 'turn' holding the whole text, so
+    cleaning and deduplication treat it like any response. Templates never render it."""
+    text = _text(row, "text", where)
+    if not text.strip():
+        raise DataError(f"{where}: field 'text' is empty")
+    extra = {k: v for k, v in row.items() if k != "text" and isinstance(v, (str, int, float, bool))}
+    return Example([{"role": "assistant", "content": text}], "", "", where, extra)
 
 
 def load_examples(path: str | Path, fmt: str) -> tuple[list[Example], str]:

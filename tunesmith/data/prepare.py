@@ -7,22 +7,25 @@ renamed into place, the manifest written last.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import RunConfig
+from tunesmith.data import sources
 from tunesmith.data.dataset import TokenizedSplit, read_rows, write_rows
-from tunesmith.data.formats import Example, load_examples
+from tunesmith.data.formats import Example
+from tunesmith.data.gather import Gathered, gather
 from tunesmith.data.templates import Encoder, Template, choose, pieces, prompt_text
+from tunesmith.data.text import pack_documents
 from tunesmith.errors import DataError
 from tunesmith.log import say
 
-FORMAT_VERSION = 1  # bump when the prepared layout or tokenization changes
+FORMAT_VERSION = 2  # bump when the prepared layout or tokenization changes
 SPLITS = ("train", "val", "test")
 
 
@@ -54,18 +57,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _key(config: RunConfig, tokenizer) -> dict:
     data = config.data
     for k in ("path", "val_path", "test_path"):
-        if getattr(data, k) and not Path(getattr(data, k)).is_file():
+        if getattr(data, k) and not Path(getattr(data, k)).exists():
             raise DataError(f"data.{k}: data file {getattr(data, k)} not found")
-    sources = {k: file_hash(getattr(data, k)) for k in ("path", "val_path", "test_path") if getattr(data, k)}
+    hashes = {k: sources.fingerprint(getattr(data, k)) for k in ("path", "val_path", "test_path")
+              if getattr(data, k)}
     settings = data.model_dump(exclude={"path", "val_path", "test_path"})
     settings["template"] = choose(data.template, tokenizer, data.system_prompt).spec  # auto, resolved
-    return {"version": FORMAT_VERSION, "sources": sources, "settings": settings,
+    return {"version": FORMAT_VERSION, "sources": hashes, "settings": settings,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def prepare(config: RunConfig, tokenizer, *, force: bool = False) -> Prepared:
     if not config.data.path:
-        raise DataError("data.path is not set: give a JSON or JSONL file (e.g. --data.path train.jsonl)")
+        raise DataError("data.path is not set: give a data file or folder (e.g. --data.path train.jsonl)")
     folder = config.run_dir / "data"
     key = _key(config, tokenizer)
     manifest_path = folder / "manifest.json"
@@ -80,13 +84,16 @@ def prepare(config: RunConfig, tokenizer, *, force: bool = False) -> Prepared:
 def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:
     data = config.data
     template = choose(data.template, tokenizer, data.system_prompt)
-    examples, formats = split_examples(config)
+    template = dataclasses.replace(template, last_turn_only=data.assistant_turns == "last")
+    gathered = gather(config)
+    examples, formats = gathered.examples, gathered.formats
     say(f"Data format: {', '.join(sorted(set(formats.values())))} "
         f"({'detected from the keys' if data.format == 'auto' else 'as configured'}); "
-        f"template: {template.describe}")
-    encoder = Encoder(tokenizer)
-    tokenized = {name: tokenize(examples[name], template, encoder, tokenizer, data.max_seq_length,
-                                data.mask_prompt) for name in SPLITS}
+        f"template: {'none (text blocks)' if gathered.format == 'text' else template.describe}")
+    for line in cleaning_lines(gathered):
+        say(line)
+    tokenized = {name: tokenize_split(examples[name], gathered.format, template, tokenizer, data)
+                 for name in SPLITS}
     counts = {name: stats for name, (_, _, stats) in tokenized.items()}
     splits = {name: split for name, (split, _, _) in tokenized.items()}
     total_kept = sum(c["examples"] for c in counts.values())
@@ -98,9 +105,12 @@ def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:
     for name, (split, rows, _) in tokenized.items():
         split.save(tmp / name)
         write_rows(tmp / name, rows)
-    manifest = {"key": key, "format": formats, "template": template.describe, "counts": counts,
+    described = "none (text blocks)" if gathered.format == "text" else template.describe
+    manifest = {"key": key, "format": formats, "template": described, "counts": counts,
                 "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "examples": total_kept,
-                "max_seq_length": data.max_seq_length, "mask_prompt": data.mask_prompt}
+                "max_seq_length": data.max_seq_length, "mask_prompt": data.mask_prompt,
+                "sources": gathered.sources, "cleaning": gathered.cleaning, "leakage": gathered.leakage,
+                "folds": gathered.folds}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # last: marks the folder complete
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -113,44 +123,59 @@ def _explain_empty(counts: dict, max_seq_length: int) -> None:
     if dropped:
         raise DataError(f"data.max_seq_length={max_seq_length} is too small: the prompt fills it in every "
                         f"one of {dropped} rows, leaving no response tokens to train on; raise it")
+    filtered = {k: sum(c.get(k, 0) for c in counts.values()) for k in ("too_short", "too_long")}
+    if any(filtered.values()):
+        raise DataError(f"no training rows left: the length filters removed {filtered['too_short']} rows "
+                        f"under data.clean.min_tokens and {filtered['too_long']} over data.clean.max_tokens")
     raise DataError("no training rows left after filtering")
 
 
+def cleaning_lines(gathered: Gathered) -> list[str]:
+    """One line per source on what cleaning changed, and one per split that leaked."""
+    lines = []
+    for key, report in gathered.cleaning.items():
+        done = [f"{n} {step.replace('_', ' ')}" for step, n in report["counts"].items() if n]
+        if done:
+            lines.append(f"Cleaning {gathered.sources[key]['path']}: {report['rows_in']} rows -> "
+                         f"{report['rows_out']} ({'; '.join(done)})")
+    for name, leak in gathered.leakage.items():
+        if leak["leaked"]:
+            action = "removed" if leak["removed"] else "kept (data.clean.leakage: report)"
+            lines.append(f"Leakage: {leak['leaked']} of {leak['rows']} {name} rows repeat a train row "
+                         f"({leak['exact']} exact, {leak['near']} near); {action}")
+    return lines
+
+
 def split_examples(config: RunConfig) -> tuple[dict[str, list[Example]], dict[str, str]]:
-    """Seeded, deterministic split; explicit val/test files replace the matching share."""
-    data = config.data
-    main, fmt = load_examples(data.path, data.format)
-    formats = {"train": fmt}
-    extra = {}
-    for name, key in (("val", "val_path"), ("test", "test_path")):
-        if getattr(data, key):
-            extra[name], formats[name] = load_examples(getattr(data, key), data.format)
-    order = list(range(len(main)))
-    random.Random(data.seed).shuffle(order)
-    shares = {"test": 0.0 if "test" in extra else data.test_split,
-              "val": 0.0 if "val" in extra else data.val_split}
-    sizes = {name: int(round(len(main) * share)) for name, share in shares.items()}
-    for name in ("test", "val"):  # a requested split gets at least one row when there are enough
-        if shares[name] > 0 and sizes[name] == 0 and len(main) >= 3:
-            sizes[name] = 1
-    test_ids = order[: sizes["test"]]
-    val_ids = order[sizes["test"]: sizes["test"] + sizes["val"]]
-    train_ids = order[sizes["test"] + sizes["val"]:]
-    out = {"train": [main[i] for i in sorted(train_ids)],
-           "val": extra.get("val") or [main[i] for i in sorted(val_ids)],
-           "test": extra.get("test") or [main[i] for i in sorted(test_ids)]}
-    if not out["train"]:
-        raise DataError(f"{data.path}: {len(main)} rows leave none for training after the val/test split")
-    return out, formats
+    """Read, clean and split the data: the examples of each split and their formats."""
+    gathered = gather(config)
+    return gathered.examples, gathered.formats
+
+
+def tokenize_split(examples: list[Example], fmt: str, template: Template, tokenizer, data
+                   ) -> tuple[TokenizedSplit, list[dict], dict]:
+    encoder = Encoder(tokenizer)
+    if fmt == "text":
+        return pack_documents(examples, encoder, tokenizer, data.max_seq_length, data.clean.min_tokens,
+                              data.clean.max_tokens)
+    return tokenize(examples, template, encoder, tokenizer, data.max_seq_length, data.mask_prompt,
+                    data.clean.min_tokens, data.clean.max_tokens)
 
 
 def tokenize(examples: list[Example], template: Template, encoder: Encoder, tokenizer,
-             max_seq_length: int, mask_prompt: bool) -> tuple[TokenizedSplit, list[dict], dict]:
+             max_seq_length: int, mask_prompt: bool, min_tokens: int = 0, max_tokens: int | None = None
+             ) -> tuple[TokenizedSplit, list[dict], dict]:
     ids_list, sup_list, rows = [], [], []
     stats = {"rows": len(examples), "examples": 0, "truncated": 0, "dropped_no_response": 0,
-             "tokens": 0, "supervised_tokens": 0}
+             "too_short": 0, "too_long": 0, "tokens": 0, "supervised_tokens": 0}
     for example in examples:
         ids, supervised = encoder.encode(pieces(template, example, tokenizer), mask_prompt)
+        if len(ids) < min_tokens:
+            stats["too_short"] += 1
+            continue
+        if max_tokens is not None and len(ids) > max_tokens:
+            stats["too_long"] += 1
+            continue
         if len(ids) > max_seq_length:
             stats["truncated"] += 1
             ids, supervised = ids[:max_seq_length], supervised[:max_seq_length]
@@ -179,16 +204,21 @@ def summary_lines(prepared: Prepared) -> list[str]:
             notes.append(f"{c['truncated']} truncated at {prepared.manifest['max_seq_length']} tokens")
         if c["dropped_no_response"]:
             notes.append(f"{c['dropped_no_response']} dropped (response truncated away)")
+        if c.get("too_short") or c.get("too_long"):
+            notes.append(f"{c.get('too_short', 0)} under min_tokens, {c.get('too_long', 0)} over max_tokens "
+                         "dropped")
         lines.append(line + (f"  ({'; '.join(notes)})" if notes else ""))
     return lines
 
 
 def main(config: RunConfig) -> int:
+    from tunesmith.crossval import fold_configs
     from tunesmith.model.load import load_tokenizer, resolve
 
     tokenizer = load_tokenizer(resolve(config.model))
-    prepared = prepare(config, tokenizer)
-    print(f"Prepared {prepared.folder}  (template: {prepared.manifest['template']})")
-    for line in summary_lines(prepared):
-        print(line)
+    for fold_config in fold_configs(config):  # the config itself unless data.folds > 1
+        prepared = prepare(fold_config, tokenizer)
+        print(f"Prepared {prepared.folder}  (template: {prepared.manifest['template']})")
+        for line in summary_lines(prepared):
+            print(line)
     return 0

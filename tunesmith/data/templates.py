@@ -29,6 +29,7 @@ class Template:
     name: str  # chat | alpaca | qa | custom
     text: str = ""  # the format string of a custom template
     system_prompt: str | None = None
+    last_turn_only: bool = False  # data.assistant_turns: last — earlier answers are context only
 
     @property
     def spec(self) -> str:
@@ -101,9 +102,11 @@ def pieces(template: Template, example: Example, tokenizer) -> list[tuple[str, b
     messages = _with_system(example.messages, template.system_prompt)
     out: list[tuple[str, bool]] = []
     rendered = ""  # the template's own text consumed so far
+    last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        trained = index == last_answer or not template.last_turn_only
         before = _chat(tokenizer, messages[:index], add_generation_prompt=True)
         through = _chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not before.startswith(rendered) or not through.startswith(before):
@@ -113,10 +116,10 @@ def pieces(template: Template, example: Example, tokenizer) -> list[tuple[str, b
         cut = answer.find(eos)
         if cut >= 0:  # supervise through the end-of-turn token; what follows is formatting
             answer = answer[: cut + len(eos)]
-            out += [(before[len(rendered):], False), (answer, True)]
+            out += [(before[len(rendered):], False), (answer, trained)]
             rendered = before + answer
         else:  # the template ends turns without EOS: add it, so the model learns to stop
-            out += [(before[len(rendered):], False), (answer + eos, True)]
+            out += [(before[len(rendered):], False), (answer + eos, trained)]
             rendered = through
     return [(text, supervised) for text, supervised in out if text]
 

@@ -1,12 +1,18 @@
 """`tunesmith evaluate CONFIG|RUN`: the base model and the fine-tuned run, side by side, on the
-same held-out test rows: test loss and perplexity, then generated answers scored by exact
-match and token F1. Writes eval/results.{csv,md,json} and eval/predictions.jsonl."""
+same held-out test rows: test loss and perplexity, then generated answers scored by exact match,
+token F1, BLEU and ROUGE-1/2/L, and an error analysis (failures grouped, regressions listed).
+With --tasks, standard benchmarks through lm-evaluation-harness; with --bias, a counterfactual
+bias probe; each model is loaded once for all of them.
+
+Writes eval/results.{csv,md,json}, eval/predictions.jsonl (per row), eval/errors.{json,md},
+eval/benchmarks.{json,md} and eval/bias.{json,md} when asked, and refreshes report.html."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,15 +22,16 @@ from tunesmith.config import RunConfig
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.data.prepare import prepare
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.metrics import exact_match, token_f1
-from tunesmith.infer.generate import Loaded, generate, load_base, load_run
+from tunesmith.evaluate import analysis
+from tunesmith.evaluate.metrics import bleu, exact_match, normalize, rouge, sentence_bleu, token_f1
+from tunesmith.infer.generate import Loaded, generate_with_limits, load_base, load_run
 from tunesmith.log import say
 from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import loss_sum
 
-METRICS = ("test_loss", "perplexity", "exact_match", "token_f1")
+METRICS = ("test_loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
 
 
 @torch.no_grad()
@@ -44,46 +51,127 @@ def default_max_new_tokens(rows: list[dict], tokenizer) -> int:
     return min(512, int(longest * 1.5) + 8)
 
 
+def row_scores(answer: str, reference: str, normalized) -> dict:
+    """Every generation metric of one answer; BLEU and ROUGE see the normalised texts when
+    eval.normalize is on (token F1 always compares normalised words)."""
+    shown = (lambda text: normalize(text, normalized)) if normalized else (lambda text: text)
+    return {"exact_match": exact_match(answer, reference, normalized), "token_f1": token_f1(answer, reference),
+            "bleu": sentence_bleu(shown(answer), shown(reference)), **rouge(shown(answer), shown(reference))}
+
+
+def generation_scores(answers: list[str], rows: list[dict], normalized) -> dict:
+    """Means over rows; BLEU is corpus BLEU (n-gram counts summed over rows), as sacrebleu reports it."""
+    references = [r["reference"] for r in rows]
+    per_row = [row_scores(a, ref, normalized) for a, ref in zip(answers, references)]
+    means = {key: sum(s[key] for s in per_row) / len(per_row) for key in ("exact_match", "token_f1", "rouge1",
+                                                                           "rouge2", "rougeL")}
+    shown = (lambda text: normalize(text, normalized)) if normalized else (lambda text: text)
+    means["bleu"] = bleu([shown(a) for a in answers], [shown(ref) for ref in references])
+    return means
+
+
 def score(loaded: Loaded, split: TokenizedSplit, rows: list[dict], config: RunConfig,
           max_new_tokens: int) -> tuple[dict, list[str]]:
     loss = test_loss(loaded, split, len(rows), config.train.micro_batch_size)
     with tqdm(total=len(rows), desc=f"generating ({loaded.label})", unit="row",
               dynamic_ncols=True) as bar:
-        answers = generate(loaded, [r["prompt"] for r in rows], max_new_tokens, config.eval.batch_size,
-                           progress=bar.update)
-    normalized = config.eval.normalize
-    em = [exact_match(a, r["reference"], normalized) for a, r in zip(answers, rows)]
-    f1 = [token_f1(a, r["reference"]) for a, r in zip(answers, rows)]
+        answers, hit_limit = generate_with_limits(loaded, [r["prompt"] for r in rows], max_new_tokens,
+                                                  config.eval.batch_size, progress=bar.update)
     metrics = {"test_loss": loss, "perplexity": math.exp(min(loss, 50)),
-               "exact_match": sum(em) / len(em), "token_f1": sum(f1) / len(f1), "n_test": len(rows)}
+               **generation_scores(answers, rows, config.eval.normalize), "n_test": len(rows),
+               "truncated_rows": [i for i, hit in enumerate(hit_limit) if hit]}
     return metrics, answers
+
+
+@dataclass
+class Evaluation:
+    """Everything one `evaluate` found, per model label ("base", "tuned")."""
+
+    rows: list[dict] = field(default_factory=list)  # the held-out test rows scored
+    results: dict = field(default_factory=dict)  # label → metrics
+    answers: dict = field(default_factory=dict)  # label → generated answers, in row order
+    errors: dict | None = None  # the error analysis
+    benchmarks: dict = field(default_factory=dict)  # label → lm-eval scores per task
+    bias: dict = field(default_factory=dict)  # label → bias probe measurements
 
 
 def evaluate(config: RunConfig, tuned: bool = True, known: dict | None = None) -> tuple[dict, dict]:
     """Metrics and answers per model label ("base", "tuned"); labels in `known` are not recomputed."""
-    run_dir = config.run_dir
-    tokenizer = load_tokenizer(resolve(config.model), quiet=True)
-    prepared = prepare(config, tokenizer)
-    rows = prepared.rows("test")[: config.eval.max_samples]
-    if not rows:
-        raise TunesmithError("the test split is empty: set data.test_split above 0 or give data.test_path")
-    split = prepared.splits["test"]
-    max_new = config.eval.max_new_tokens or default_max_new_tokens(rows, tokenizer)
+    outcome = run_evaluation(config, tuned, known, extras=False)
+    return outcome.results, outcome.answers
+
+
+def model_loaders(config: RunConfig, tuned: bool) -> dict:
     loaders = {}
     if config.eval.compare_base or not tuned:
         loaders["base"] = lambda: load_base(config.model, config.data.template, config.data.system_prompt,
                                             config.train.device, config.train.precision)
     if tuned:
-        loaders["tuned"] = lambda: load_run(run_dir, config.train.device, config.train.precision)
-    results, answers = {}, {}
-    for label, loader in loaders.items():
-        if known and label in known:
-            results[label], answers[label] = known[label]
+        loaders["tuned"] = lambda: load_run(config.run_dir, config.train.device, config.train.precision)
+    return loaders
+
+
+def held_out_rows(config: RunConfig, extras_only: bool) -> tuple[list[dict], TokenizedSplit | None, int]:
+    """The test rows, their tokens and the answer length cap; none when only benchmarks or the bias
+    probe were asked for and there is no data."""
+    if extras_only and not config.data.path:
+        say("No data.path: skipping the held-out test rows (benchmarks / bias probe only)")
+        return [], None, 0
+    tokenizer = load_tokenizer(resolve(config.model), quiet=True)
+    prepared = prepare(config, tokenizer)
+    if prepared.manifest["format"]["train"] == "text":  # blocks of raw text: no question to answer
+        raise TunesmithError("evaluate scores answers to held-out questions, and a data.format: text run "
+                             "(continued pre-training) has none; its validation loss is in metrics.jsonl")
+    rows = prepared.rows("test")[: config.eval.max_samples]
+    if not rows:
+        raise TunesmithError("the test split is empty: set data.test_split above 0 or give data.test_path")
+    return rows, prepared.splits["test"], config.eval.max_new_tokens or default_max_new_tokens(rows, tokenizer)
+
+
+def run_evaluation(config: RunConfig, tuned: bool = True, known: dict | None = None,
+                   extras: bool = True) -> Evaluation:
+    """Each model is loaded once and put through everything asked for; then the files are written."""
+    known = known or {}
+    wants = {"tasks": extras and bool(config.eval.tasks), "bias": extras and config.eval.bias}
+    rows, split, max_new = held_out_rows(config, extras_only=any(wants.values()))
+    outcome = Evaluation(rows=rows)
+    for label, loader in model_loaders(config, tuned).items():
+        if label in known:
+            outcome.results[label], outcome.answers[label] = known[label]
+        if not (rows and label not in known) and not any(wants.values()):
             continue
-        say(f"Evaluating the {label} model on {len(rows)} test rows")
-        results[label], answers[label] = score(loader(), split, rows, config, max_new)
-    write(run_dir / "eval", results, answers, rows, config.eval.normalize)
-    return results, answers
+        loaded = loader()
+        if rows and label not in known:
+            say(f"Evaluating the {label} model on {len(rows)} test rows")
+            outcome.results[label], outcome.answers[label] = score(loaded, split, rows, config, max_new)
+        run_extras(loaded, label, config, wants, outcome)
+        del loaded
+    folder = config.run_dir / "eval"
+    if rows:
+        outcome.errors = write(folder, outcome.results, outcome.answers, rows, config.eval.normalize,
+                               config.eval.group_by, config.eval.error_examples)
+    if outcome.benchmarks:
+        from tunesmith.evaluate import benchmarks
+
+        benchmarks.write(folder, outcome.benchmarks)
+    if outcome.bias:
+        from tunesmith.evaluate import bias
+
+        bias.write(folder, outcome.bias, config.eval.bias_threshold)
+    return outcome
+
+
+def run_extras(loaded: Loaded, label: str, config: RunConfig, wants: dict, outcome: Evaluation) -> None:
+    if wants["tasks"]:
+        from tunesmith.evaluate import benchmarks
+
+        say(f"Benchmarks for the {label} model: {', '.join(config.eval.tasks)}")
+        outcome.benchmarks[label] = benchmarks.run_tasks(loaded, config)
+    if wants["bias"]:
+        from tunesmith.evaluate import bias
+
+        say(f"Bias probe for the {label} model")
+        outcome.bias[label] = bias.probe(loaded, bias.load_probes(config.eval.bias_pairs), config.eval.batch_size)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -94,6 +182,8 @@ def table_rows(results: dict) -> list[list[str]]:
     labels = list(results)
     rows = []
     for metric in METRICS:
+        if any(metric not in results[label] for label in labels):
+            continue  # e.g. results saved before BLEU and ROUGE were scored
         values = [results[label][metric] for label in labels]
         row = [metric] + [f"{v:.4f}" for v in values]
         if len(values) == 2:
@@ -102,7 +192,9 @@ def table_rows(results: dict) -> list[list[str]]:
     return rows
 
 
-def write(folder: Path, results: dict, answers: dict, rows: list[dict], normalized: bool) -> None:
+def write(folder: Path, results: dict, answers: dict, rows: list[dict], normalized,
+          group_by: str | None = None, error_examples: int = 3) -> dict:
+    """The tables, the per-row results (predictions.jsonl) and the error analysis, which it returns."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = list(results)
     header = ["metric", *labels] + (["change"] if len(labels) == 2 else [])
@@ -114,15 +206,22 @@ def write(folder: Path, results: dict, answers: dict, rows: list[dict], normaliz
     markdown.append(f"\n{rows and len(rows)} held-out test rows; answers generated greedily.")
     (folder / "results.md").write_text("\n".join(markdown) + "\n")
     (folder / "results.json").write_text(json.dumps(results, indent=2))
+    truncated = {label: set(results[label].get("truncated_rows", ())) for label in labels}
+    errors = analysis.analyse(rows, answers, truncated, normalized, group_by, error_examples)
+    (folder / "errors.json").write_text(json.dumps(errors, indent=2, ensure_ascii=False))
+    (folder / "errors.md").write_text(analysis.markdown(errors))
     with (folder / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for index, row in enumerate(rows):
             record = {"where": row["where"], "prompt": row["messages"], "reference": row["reference"]}
             for label in labels:
                 answer = answers[label][index]
                 record[label] = answer
-                record[f"{label}_exact_match"] = exact_match(answer, row["reference"], normalized)
-                record[f"{label}_token_f1"] = token_f1(answer, row["reference"])
+                record.update({f"{label}_{key}": value for key, value in
+                               row_scores(answer, row["reference"], normalized).items()})
+                record[f"{label}_error"] = analysis.failure_kind(answer, row["reference"], index in truncated[label]) \
+                    if record[f"{label}_exact_match"] < 1 else None
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return errors
 
 
 def print_table(results: dict) -> None:
@@ -145,7 +244,26 @@ def main(config: RunConfig) -> int:
     tuned = has_checkpoint(config.run_dir)
     if not tuned:
         say(f"No fine-tuned checkpoint in {config.run_dir}: evaluating the base model only")
-    results, _ = evaluate(config, tuned=tuned)
-    print_table(results)
-    print(f"Written: {config.run_dir / 'eval'}/results.csv, results.md, predictions.jsonl")
+    outcome = run_evaluation(config, tuned=tuned)
+    written = []
+    if outcome.results:
+        print_table(outcome.results)
+        for line in analysis.summary_lines(outcome.errors):
+            print(line)
+        written += ["results.csv", "results.md", "predictions.jsonl", "errors.md"]
+    if outcome.benchmarks:
+        from tunesmith.evaluate import benchmarks
+
+        benchmarks.print_table(outcome.benchmarks)
+        written.append("benchmarks.md")
+    if outcome.bias:
+        from tunesmith.evaluate import bias
+
+        bias.print_summary(outcome.bias, config.eval.bias_threshold)
+        written.append("bias.md")
+    print(f"Written: {config.run_dir / 'eval'}/{', '.join(written)}")
+    if (config.run_dir / "metrics.jsonl").is_file():  # a trained run: its report now has the evaluation
+        from tunesmith import report
+
+        print(f"Report: {report.write_report(config)}")
     return 0

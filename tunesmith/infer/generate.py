@@ -41,21 +41,30 @@ def load_base(model_spec: str, template_spec: str = "auto", system_prompt: str |
     tokenizer = load_tokenizer(location, quiet=True)
     target = pick_device(device)
     model = load_model(location, dtype=pick_dtype(precision, target), device=str(target))
+    if template_spec == "auto":  # a merged model keeps the template its run was trained with
+        template_spec = merged_template(location) or template_spec
     return Loaded(model.eval(), tokenizer, choose(template_spec, tokenizer, system_prompt), "base")
 
 
+def merged_template(location: Path | str) -> str | None:
+    """data.template of the run a `tunesmith merge` directory came from (None: not a merged model)."""
+    import json
+
+    info = Path(str(location)) / "merge_info.json"
+    return json.loads(info.read_text()).get("template") if info.is_file() else None
+
+
 def load_run(run: str | Path, device: str = "auto", precision: str = "auto") -> Loaded:
-    """A run directory or checkpoint folder; LoRA adapters are merged for fast generation."""
+    """A run directory or checkpoint folder; LoRA/DoRA/QLoRA adapters are merged for fast generation."""
     folder = checkpoint.pick(Path(run))
     run_config = config_module.load(folder / "config.yaml")
     tokenizer = load_tokenizer(folder, quiet=True)
     target = pick_device(device)
     dtype = pick_dtype(precision, target)
-    if checkpoint.is_adapter(folder):
-        from peft import PeftModel
+    if checkpoint.is_adapter(folder):  # merged (QLoRA into its dequantized 4-bit base); prompt adapters wrapped
+        from tunesmith.merge import load_tuned
 
-        base = load_model(resolve(run_config.model), dtype=torch.float32, device=str(target))
-        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(dtype)
+        model = load_tuned(folder, run_config, str(target)).to(dtype)
     else:
         model = load_model(folder, dtype=dtype, device=str(target))
     template = choose(run_config.data.template, tokenizer, run_config.data.system_prompt)
@@ -73,10 +82,20 @@ def stop_token_ids(loaded: Loaded) -> list[int]:
 def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
              temperature: float = 0.0, top_p: float = 1.0, progress=None) -> list[str]:
     """Answers to already-templated prompts, batched by length (left padding), in input order."""
+    return generate_with_limits(loaded, prompts, max_new_tokens, batch_size, temperature, top_p, progress)[0]
+
+
+@torch.no_grad()
+def generate_with_limits(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
+                         temperature: float = 0.0, top_p: float = 1.0, progress=None
+                         ) -> tuple[list[str], list[bool]]:
+    """The answers, and for each whether it ran into max_new_tokens without a stop token (cut off)."""
     encoder, tokenizer = loaded.encoder, loaded.tokenizer
     encoded = [encoder.encode_prompt(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
+    hit_limit = [False] * len(prompts)
+    stops = set(stop_token_ids(loaded))
     pad = tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
@@ -95,14 +114,26 @@ def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batc
                                        pad_token_id=pad, **sampling)
         for row, index in enumerate(chunk):
             answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+            hit_limit[index] = not stops.intersection(output[row, width:].tolist())
         if progress is not None:
             progress(len(chunk))
-    return answers
+    return answers, hit_limit
 
 
 def template_prompt(loaded: Loaded, user_text: str) -> str:
     example = Example([{"role": "user", "content": user_text}, {"role": "assistant", "content": ""}],
                       instruction=user_text)
+    return prompt_text(loaded.template, example, loaded.tokenizer)
+
+
+def conversation_prompt(loaded: Loaded, messages: list[dict]) -> str:
+    """The prompt for the next assistant turn of `messages` (system/user/assistant dicts, ending
+    with a user turn). A chat template sees the whole history; the single-turn templates (alpaca,
+    qa, custom) see the last user message only, as they did in training. A leading system message
+    takes the place of the run's data.system_prompt."""
+    if loaded.template.name != "chat":
+        return template_prompt(loaded, messages[-1]["content"])
+    example = Example([*messages, {"role": "assistant", "content": ""}], instruction=messages[-1]["content"])
     return prompt_text(loaded.template, example, loaded.tokenizer)
 
 

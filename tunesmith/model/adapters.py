@@ -1,4 +1,5 @@
-"""Turn a loaded model into the thing that trains: LoRA through PEFT, or all weights.
+"""Turn a loaded model into the thing that trains: LoRA, QLoRA (LoRA on a 4-bit base), DoRA or
+LLaMA-Adapter prompts through PEFT, or all weights.
 
 With LoRA and bf16, frozen base weights are stored in bf16 once (half the memory, no per-step
 cast) while the LoRA weights and their optimizer state stay fp32.
@@ -9,26 +10,63 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import RunConfig
+from tunesmith.errors import ConfigError
+
+
+def load_for_training(location, config: RunConfig, device: str, dtype: torch.dtype):
+    """The base model as the method needs it: 4-bit body for qlora, fp32 weights otherwise."""
+    if config.method == "qlora":
+        from tunesmith.model.quantize import load_quantized
+
+        return load_quantized(location, config.qlora, dtype, device)
+    from tunesmith.model.load import load_model
+
+    return load_model(location, dtype=torch.float32, device=device)
 
 
 def prepare_for_training(model, config: RunConfig, dtype: torch.dtype):
     if config.method == "full":
         model.requires_grad_(True)
         return model  # fp32 master weights; autocast runs the maths in dtype
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    if dtype != torch.float32:
+    if dtype != torch.float32 and config.method != "qlora":  # qlora loaded its frozen parts in dtype
         model.to(dtype)
-    lora = config.lora
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, peft_config)
+    model.requires_grad_(False)
+    model = get_peft_model(model, peft_config(config, model))
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return model
 
 
+# Architectures PEFT's adaption prompt (LLaMA-Adapter) knows how to wrap.
+def adapter_architectures() -> list[str]:
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    return sorted(TRANSFORMERS_MODEL_CONFIG)
+
+
+def peft_config(config: RunConfig, model):
+    from peft import AdaptionPromptConfig, LoraConfig
+
+    if config.method == "adapter":
+        model_type = model.config.model_type
+        if model_type not in adapter_architectures():
+            raise ConfigError(f"method=adapter: {model_type} models are not supported by LLaMA-Adapter prompts "
+                              f"(supported: {', '.join(adapter_architectures())}); use method: lora or dora")
+        layers = model.config.num_hidden_layers
+        return AdaptionPromptConfig(adapter_len=config.adapter.length, task_type="CAUSAL_LM",
+                                    adapter_layers=min(config.adapter.layers or layers, layers))
+    lora = config.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
+                      use_dora=config.method == "dora")
+
+
 def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) weights; a 4-bit weight counts as one weight, not half a byte."""
+    from tunesmith.model.quantize import true_numel
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(true_numel(p) for p in model.parameters())

@@ -116,7 +116,8 @@ def load_tokenizer(location: Path | str, *, quiet: bool = False):
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         tokenizer.init_kwargs["tunesmith_plain_template"] = True
         if not quiet:
-            say(f"{location} has no chat template: using a plain '### User: / ### Assistant:' template")
+            say(f"{location} has no chat template: data.template auto uses the alpaca template; "
+                "'chat' uses a plain '### User: / ### Assistant:' one")
     return tokenizer
 
 

@@ -175,6 +175,7 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     group.broadcast_parameters(trainable)
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None) \
         if group.is_main else None
+    scalars = _scalar_log(config, state.step if resume_from else None) if group.is_main else None
     ranks = f" x {group.world_size} processes" if group.active else ""
     say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
         f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}{ranks}, {dtype}")
@@ -188,6 +189,8 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     def log(record: dict) -> None:
         if metrics is not None:
             metrics.write(record)
+        if scalars is not None:
+            scalars.write(record)
 
     model.train()
     stopped_early, stats = False, None
@@ -268,12 +271,23 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     bar.close()
     if metrics is not None:
         metrics.close()
+    if scalars is not None:
+        scalars.close()
 
     totals = overall.summary(peak)
     save_step(run_dir / "final", "final", train_loss=totals["loss"], best_val_loss=state.best_val)
     final_loss = stats["loss"] if stats else totals["loss"]
     return TrainResult(state.step, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
                        final_loss, state.best_val, state.best_step, stopped_early)
+
+
+def _scalar_log(config: RunConfig, resume_step: int | None):
+    """TensorBoard scalars beside metrics.jsonl when train.tensorboard is on (metrics.jsonl always)."""
+    if not config.train.tensorboard:
+        return None
+    from tunesmith.train.tensorboard import ScalarLog
+
+    return ScalarLog(config.run_dir / "tensorboard", resume_step)
 
 
 def _note(bar, message: str) -> None:

@@ -1,0 +1,83 @@
+"""Evaluation files: results.csv / results.md / predictions.jsonl, with hand-made answers, and an
+evaluation of the base model alone when a run has no checkpoint yet."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from helpers import qa_rows, write_jsonl
+
+from tunesmith.evaluate import compare
+
+ROWS = [
+    {"where": "d.jsonl:1", "messages": [{"role": "user", "content": "Capital of France?"}],
+     "reference": "Paris"},
+    {"where": "d.jsonl:2", "messages": [{"role": "user", "content": "Sky colour?"}],
+     "reference": "light blue"},
+]
+
+
+def test_written_results_match_hand_computed_values(tmp_path):
+    answers = {"base": ["The capital is Paris.", "blue"], "tuned": ["Paris", "light blue"]}
+    results = {
+        "base": {"test_loss": 2.0, "perplexity": math.exp(2.0), "exact_match": 0.0,
+                 "token_f1": (2 * 0.25 / 1.25 + 2 * 0.5 / 1.5) / 2, "n_test": 2},
+        "tuned": {"test_loss": 0.5, "perplexity": math.exp(0.5), "exact_match": 1.0, "token_f1": 1.0,
+                  "n_test": 2},
+    }
+    compare.write(tmp_path, results, answers, ROWS, normalized=False)
+
+    table = list(csv.reader((tmp_path / "results.csv").open()))
+    assert table[0] == ["metric", "base", "tuned", "change"]
+    assert table[1:] == [  # only the metrics given are tabled
+        ["test_loss", "2.0000", "0.5000", "-1.5000"],
+        ["perplexity", "7.3891", "1.6487", "-5.7403"],
+        ["exact_match", "0.0000", "1.0000", "+1.0000"],
+        ["token_f1", "0.5333", "1.0000", "+0.4667"],  # base: (0.4 + 2/3) / 2
+    ]
+    markdown = (tmp_path / "results.md").read_text().splitlines()
+    assert markdown[:3] == ["| metric | base | tuned | change |", "|---|---|---|---|",
+                            "| test_loss | 2.0000 | 0.5000 | -1.5000 |"]
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert predictions[0] == {
+        "where": "d.jsonl:1", "prompt": ROWS[0]["messages"], "reference": "Paris",
+        "base": "The capital is Paris.", "base_exact_match": 0.0, "base_token_f1": pytest.approx(0.4),
+        # sentence BLEU of 5 tokens (13a splits off the '.') against 1: p1 = 1/5, then sacrebleu's 'exp'
+        # smoothing for the empty orders: 1/(2*4), 1/(4*3), 1/(8*2); no brevity penalty
+        "base_bleu": pytest.approx(100 * (0.2 * 0.125 / 12 * 0.0625) ** 0.25),
+        "base_rouge1": pytest.approx(0.4), "base_rouge2": 0.0, "base_rougeL": pytest.approx(0.4),  # P 1/4, R 1
+        "base_error": "wrong format",  # a sentence where one word was wanted
+        "tuned": "Paris", "tuned_exact_match": 1.0, "tuned_token_f1": 1.0, "tuned_bleu": pytest.approx(100.0),
+        "tuned_rouge1": 1.0, "tuned_rouge2": 0.0, "tuned_rougeL": 1.0, "tuned_error": None,
+    }
+    assert predictions[1]["base_token_f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # "blue" vs "light blue"
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_evaluate_without_a_checkpoint_scores_the_base_model_only(cli, llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(10))
+    run_dir = tmp_path / "run"
+    result = cli("evaluate", "--model", llama, "--data.path", data, "--out_dir", run_dir,
+                 "--eval.max_new_tokens", 4, "--train.device", "cpu", "--train.precision", "fp32")
+    assert result.code == 0, result.err
+    assert "evaluating the base model only" in result.err
+    table = list(csv.reader((run_dir / "eval" / "results.csv").open()))
+    assert table[0] == ["metric", "base"]
+    loss = float({row[0]: row[1] for row in table[1:]}["test_loss"])
+    assert 0 < loss < 20
+    lines = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    assert len(predictions) == 1 and set(predictions[0]) == {
+        "where", "prompt", "reference", "base", "base_exact_match", "base_token_f1", "base_bleu", "base_rouge1",
+        "base_rouge2", "base_rougeL", "base_error"}
+
+
+def test_evaluate_needs_a_test_split(cli, llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(10))
+    result = cli("evaluate", "--model", llama, "--data.path", data, "--out_dir", tmp_path / "run",
+                 "--data.test_split", 0)
+    assert result.code == 2
+    assert "the test split is empty" in result.err
