@@ -9,6 +9,8 @@ steps with micro batch 4 x 256 tokens on this CPU in fp32 (LoRA r=16 on every li
 peak resident set (VmHWM, reset through /proc/self/clear_refs once the data is prepared and the
 libraries are imported) minus the resident set at that moment: everything the run itself added,
 model loading included. The estimate is computed from the config alone, on the meta device.
+(finetune pins glibc's mmap threshold on CPU, tunesmith/train/memory.py; without that the resident
+size also counts freed-but-kept heap memory, which grew by ~1 GiB per step in LoRA runs.)
 """
 
 from __future__ import annotations

@@ -154,6 +154,8 @@ def summarise(load: Load, elapsed_s: float) -> dict:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "tunesmith", "serve", "--model", args.model, "--port", "0",
                "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(64, 2 * args.clients))]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     for adapter in args.adapter:
         command += ["--adapter", adapter]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -176,8 +178,9 @@ def served_models(target: tuple, headers: dict) -> list[str]:
 
 
 def markdown(summary: dict, args, models: list[str]) -> str:
+    threads = f", server threads {args.threads}" if args.threads else ""
     setting = (f"{args.clients} clients x {args.seconds:.0f} s, max_tokens {args.max_tokens}, server batch "
-               f"{args.max_batch_size}, models round-robin: {', '.join(models)}")
+               f"{args.max_batch_size}{threads}, models round-robin: {', '.join(models)}")
     row = (f"| {summary['requests']} | {summary['errors']} | {summary['requests_per_s']:.2f} | "
            f"{summary['completion_tokens_per_s']:.1f} | {summary['latency_p50_s']:.2f} | {summary['latency_p99_s']:.2f} | "
            f"{summary['first_token_p50_s']:.2f} | {summary['first_token_p99_s']:.2f} |")
@@ -215,6 +218,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help=f"how long clients send (at most {MAX_SECONDS})")
     parser.add_argument("--max-tokens", type=int, default=64, help=f"per answer (at most {MAX_TOKENS})")
     parser.add_argument("--max-batch-size", type=int, default=8, help="server batch, for a started server")
+    parser.add_argument("--threads", type=int, help="the started server's CPU threads (default: torch's choice)")
     parser.add_argument("--results", type=Path, help="write the table into this file's '## Serving' section")
     args = parser.parse_args()
     if bool(args.url) == bool(args.model):

@@ -84,6 +84,17 @@ def test_noise_alone_is_not_oscillation():
     assert found.verdict == "well_fit"
 
 
+def test_wiggles_of_a_loss_converged_near_zero_are_not_oscillation():
+    """The logged losses of a real SmolLM2 LoRA run (40 steps of the demo task): near 0 the wiggles
+    are large against the level but tiny against the run's fall, 0.53 → 0.02."""
+    losses = [0.529, 0.125, 0.069, 0.054, 0.018, 0.07, 0.025, 0.044]
+    records = [{"step": 5 * (i + 1), "loss": loss, "lr": 2e-3} for i, loss in enumerate(losses)]
+    records += [{"step": 20, "val_loss": 0.02}, {"step": 40, "val_loss": 0.0154}]
+    found = diagnose(records)
+    assert found.numbers["jitter"] < 0.15
+    assert found.verdict == "well_fit"
+
+
 def test_barely_moving_means_the_learning_rate_is_too_low():
     found = diagnose(curve(200, lambda s: 3.0 - 0.0001 * s, lr=1e-7))
     assert found.verdict == "lr_too_low"

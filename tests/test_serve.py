@@ -261,3 +261,69 @@ def test_full_queue_is_429_and_queued_requests_run_once_decoding_starts(runs):
     finally:
         server.should_exit = True
         scheduler.stop()
+
+
+def test_base_and_lora_adapters_share_one_batch(runs, reference):
+    """Six queued requests over the base and two LoRA adapters are decoded as one batch (PEFT
+    applies each row's own adapter), and each answer is still the one PEFT gives it alone."""
+    from tunesmith.infer.engine import Request, Sampling
+    from tunesmith.infer.registry import load_models
+    from tunesmith.infer.scheduler import Job, Scheduler
+
+    model_dir, sums, colors = runs
+    models = load_models(str(model_dir), [("sums", sums), ("colors", colors)], device="cpu", precision="fp32")
+    assert {s.batch_key for s in models.values()} == {models["sums"].batch_key}  # all plain LoRA: mixable
+    finished = threading.Semaphore(0)
+    jobs = [Job(models[name], Request(reference.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                                      Sampling(max_new_tokens=6)), lambda error: finished.release())
+            for prompt in ("hello", "the quick brown fox") for name in (model_dir.name, "sums", "colors")]
+    scheduler = Scheduler(max_batch_size=8, max_queue=8)
+    scheduler.submit(jobs)
+    scheduler.start()
+    try:
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert (scheduler.batches, scheduler.largest_batch) == (1, 6)
+    adapters = {model_dir.name: None, "sums": sums, "colors": colors}
+    for job in jobs:
+        prompt = reference.tokenizer.decode(job.request.prompt_ids)
+        assert job.request.text == reference.complete(prompt, 6, adapters[job.served.name])[0]
+
+
+def test_dora_adapters_switch_per_batch(runs, reference, tmp_path):
+    """PEFT cannot mix DoRA rows with others, so a DoRA run makes the shared base switch adapters
+    per batch (set_adapter / adapters off for the base); the answers still match PEFT's."""
+    from tunesmith.infer.engine import Request, Sampling
+    from tunesmith.infer.registry import load_models
+    from tunesmith.infer.scheduler import Job, Scheduler
+
+    model_dir, sums, _ = runs
+    rows = [{"question": f"Spell {i}", "answer": "one two three"} for i in range(8)]
+    from tunesmith.cli import main
+
+    data = write_jsonl(tmp_path / "dora.jsonl", rows)
+    assert main([str(a) for a in ["finetune", "--model", model_dir, "--method", "dora", "--data.path", data,
+                                  "--out_dir", tmp_path / "dora", "--train.learning_rate", "0.05",
+                                  "--lora.dropout", "0", *fast_train_flags(2)]]) == 0
+    models = load_models(str(model_dir), [("sums", sums), ("dora", tmp_path / "dora")], device="cpu", precision="fp32")
+    assert len({s.batch_key for s in models.values()}) == 3
+    finished = threading.Semaphore(0)
+    names = [model_dir.name, "dora", "sums", "dora", model_dir.name]
+    jobs = [Job(models[name], Request(reference.tokenizer("hello", add_special_tokens=False)["input_ids"],
+                                      Sampling(max_new_tokens=6)), lambda error: finished.release())
+            for name in names]
+    scheduler = Scheduler(max_batch_size=8, max_queue=8)
+    scheduler.submit(jobs)
+    scheduler.start()
+    try:
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert scheduler.batches == 3  # one per model, oldest first
+    adapters = {model_dir.name: None, "sums": sums, "dora": tmp_path / "dora"}
+    answers = [job.request.text for job in jobs]
+    assert answers == [reference.complete("hello", 6, adapters[name])[0] for name in names]
+    assert len(set(answers)) == 3

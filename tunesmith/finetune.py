@@ -38,6 +38,10 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     group, device_name = distributed.start(config.train.device)
     device = pick_device(device_name)
     dtype = pick_dtype(config.train.precision, device)
+    if device.type == "cpu":  # freed activations go back to the OS instead of fragmenting the heap
+        from tunesmith.train.memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
     torch.manual_seed(config.train.seed)
     model = load_for_training(location, config, str(device), dtype)
     model = prepare_for_training(model, config, dtype)

@@ -35,7 +35,7 @@ HEADLINES = {
 # Thresholds, each a share of the loss level or of the run's total fall.
 MIN_POINTS = 4  # logged training points needed for any shape judgement
 BARELY_MOVED = 0.02  # total relative fall under 2%: not learning
-JITTER = 0.15  # median step-to-step change over 15% of the loss level (second half) ...
+JITTER = 0.15  # median step-to-step change over 15% of the loss scale (second half) ...
 UP_SHARE = 0.4  # ... with at least 40% of the moves going up: oscillation
 SPIKE = 1.5  # a logged loss 1.5x the first one: the steps overshoot
 STILL_FALLING = 0.5  # end slope at least half the run's average slope: still falling steeply
@@ -110,12 +110,15 @@ def _oscillation(train, numbers: dict) -> Diagnosis | None:
     moves = [b - a for a, b in pairwise(half)]
     if len(moves) < 3:
         return None
-    jitter = _median([abs(m) for m in moves]) / max(_median(half), 1e-12)
+    # the scale: the loss level, or the run's whole fall when larger, so that small wiggles of a loss
+    # that has converged near zero do not read as oscillation
+    scale = max(_median(half), train[0][1] - min(loss for _, loss in train), 1e-12)
+    jitter = _median([abs(m) for m in moves]) / scale
     up_share = sum(m > 0 for m in moves) / len(moves)
     numbers.update(jitter=jitter, up_share=up_share)
     if jitter < JITTER or up_share < UP_SHARE:
         return None
-    sentence = (f"In the second half of training the loss swings by {jitter:.0%} of its level from one "
+    sentence = (f"In the second half of training the loss swings by {jitter:.0%} of its scale from one "
                 f"logged point to the next (median), and {up_share:.0%} of the moves go up: it oscillates "
                 f"between {min(half):.4f} and {max(half):.4f} instead of descending.")
     peak = numbers.get("peak_lr")

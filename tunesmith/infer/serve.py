@@ -309,7 +309,10 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_app(state: ServerState):
+def build_app(state: ServerState, on_stop=None):
+    """The FastAPI application; `on_stop` runs when the server shuts down (Ctrl-C, SIGTERM)."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
@@ -317,7 +320,13 @@ def build_app(state: ServerState):
     from starlette.exceptions import HTTPException
 
     ChatRequest, CompletionRequest = _request_models()
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        if on_stop is not None:
+            on_stop()
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     def error(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
         return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
@@ -441,6 +450,9 @@ def parser() -> argparse.ArgumentParser:
                         help="longest prompt accepted (default: the model's context - 1)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the maths (default: torch's choice, one per core); on a CPU "
+                             "shared with other work, fewer threads avoid waiting on busy cores")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level (info logs every request)")
     return parser
@@ -455,6 +467,12 @@ def main(argv: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         say(f"Warning: listening on {args.host} without an API key: anyone who reaches this port can use the "
             f"models (set --api-key or ${API_KEY_ENV})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TunesmithError(f"--threads {args.threads} must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)
     models = load_models(args.model, [parse_adapter(a) for a in args.adapters], args.template, args.device,
                          args.precision)
@@ -466,10 +484,14 @@ def main(argv: list[str]) -> int:
     say(f"Serving {', '.join(models)} on http://{host}:{port}/v1 (limits: prompt {limits.max_prompt_tokens} "
         f"tokens, max_tokens {limits.max_tokens}, batch {args.max_batch_size}, queue {args.max_queue}"
         f"{', API key required' if state.api_key else ''}); Ctrl-C stops")
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level=args.log_level, access_log=False))
+    def stop() -> None:  # before uvicorn re-raises the signal that stopped it
+        scheduler.stop()
+        say(f"Stopped after {scheduler.batches} batches (the largest of {scheduler.largest_batch} requests)")
+
+    app = build_app(state, on_stop=stop)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
     try:
         server.run(sockets=[sock])
     finally:
         scheduler.stop()
-        say(f"Stopped after {scheduler.batches} batches (the largest of {scheduler.largest_batch} requests)")
     return 0
