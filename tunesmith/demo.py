@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tunesmith demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/demo", help="run directory")
     parser.add_argument("--rows", type=int, default=3000, help="generated examples")
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of 8 examples")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of 8 examples")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
