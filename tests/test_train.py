@@ -142,3 +142,25 @@ def test_loss_goes_down_and_metrics_are_logged(cli, llama, tmp_path):
     state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["kind"] == "final" and state["best_step"] is None
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "lr.png", "throughput.png"}
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, llama):
+    """Checkpointed layers recompute inside the packed attention: same loss and weights as without."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from helpers import fast_train_flags, qa_rows, write_jsonl
+    from tunesmith.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"gc-{flag}"
+        assert main([str(a) for a in ["finetune", "--model", llama, "--data.path", data, "--out_dir", out,
+                                      *fast_train_flags(max_steps=3), "--lora.dropout", 0,
+                                      "--train.gradient_checkpointing", flag]]) == 0
+        runs[flag] = load_file(str(out / "final" / "adapter_model.safetensors"))
+        assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 3
+    for key, value in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], value, rtol=1e-5, atol=1e-6)

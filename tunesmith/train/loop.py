@@ -81,9 +81,10 @@ def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int,
         n_targets = sum(batch.n_targets for batch in batches)
     step_loss = torch.zeros((), device=batches[0].input_ids.device)
     for batch in batches:
-        with autocast, packed_attention(unwrap(model)):
-            summed = loss_sum(model, batch, chunk_size)
-        (summed / n_targets).backward()
+        with packed_attention(unwrap(model)):  # backward too: checkpointed layers recompute inside it
+            with autocast:
+                summed = loss_sum(model, batch, chunk_size)
+            (summed / n_targets).backward()
         step_loss += summed.detach() / n_targets
     return step_loss
 
