@@ -154,12 +154,17 @@ def read_parquet(path: Path) -> Rows:
 def read_text_document(path: Path) -> Rows:
     text = read_text(path)
     first = text.lstrip()[:1]
-    if path.suffix.lower() == ".txt" and first in ("{", "["):  # JSON rows kept in a .txt file
-        try:
-            return formats.read_rows(path)
-        except DataError:
-            pass  # prose that happens to start with a brace
-    return [({"title": path.stem, "text": text}, str(path))]
+    if path.suffix.lower() == ".txt" and first in ("{", "[") and _parses_as_rows(path):
+        return formats.read_rows(path)  # JSON rows kept in a .txt file
+    return [({"title": path.stem, "text": text}, str(path))]  # prose, even if it starts with a brace
+
+
+def _parses_as_rows(path: Path) -> bool:
+    try:
+        formats.read_rows(path)
+    except DataError:
+        return False
+    return True
 
 
 def read_sqlite(path: Path, query: str | None, table: str | None) -> Rows:
