@@ -579,8 +579,10 @@ def comparison_lines(rows: list[Row]) -> list[str]:
     speed = ours.rate("tokens") / fastest.rate("tokens")
     memory = ours.peak_bytes / leanest.peak_bytes
     lines = [f"- Throughput: tunesmith / TRL's fastest ({fastest.variant.name}) = **{speed:.2f}x**",
-             f"- Memory: tunesmith / TRL's leanest ({leanest.variant.name}) = **{memory:.2f}x**"]
+             f"- Memory: tunesmith / TRL at that fastest setting = **{at_fastest:.2f}x**; "
+             f"/ TRL's leanest ({leanest.variant.name}) = **{memory:.2f}x**"]
     for other in theirs:
+    at_fastest = ours.peak_bytes / fastest.peak_bytes
         if same_examples(ours, other):
             gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours.steps, other.steps, strict=True))
             how = f"same examples in every step; per-step losses differ by at most {gap:.4f}"

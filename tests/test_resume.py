@@ -191,3 +191,52 @@ def test_two_cpu_ranks_match_one_process(tmp_path, llama, data):
     ours, theirs = adapter(double / "final"), adapter(single / "final")
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
+
+
+def ranks(args: list, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A `tunesmith finetune` that starts its own 2 CPU ranks (train.devices 2 relaunches via torchrun)."""
+    process = subprocess.run([sys.executable, "-m", "tunesmith", *[str(a) for a in args]], cwd=REPO,
+                             env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return process
+
+
+def test_ddp_resume_restores_each_ranks_random_state(tmp_path, llama, data):
+    """With dropout the ranks' random streams differ; each must get its own back on resume."""
+    common = ["--train.devices", 2, "--train.eval_interval", 0, "--lora.dropout", 0.3]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    ranks(flags(llama, data, whole, 4, *common))
+    rng = load_file(str(whole / "step-000002" / "rng.safetensors"))
+    assert {"torch_cpu", "rank1/torch_cpu"} <= rng.keys()
+    assert not torch.equal(rng["torch_cpu"], rng["rank1/torch_cpu"])  # the streams did diverge
+    ranks(flags(llama, data, resumed, 4, *common, "--resume", whole / "step-000002"))
+    ours, theirs = adapter(resumed / "final"), adapter(whole / "final")
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def full_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_fsdp_full_finetune_matches_one_process_and_resumes(tmp_path, llama, data):
+    """FSDP2 on 2 gloo ranks: each holds half of every weight, gradient and Adam moment, and ends
+    with the weights one process gets from the same global batch; a resumed run ends the same."""
+    common = ["--method", "full", "--train.learning_rate", 1e-3, "--train.eval_interval", 0]
+    single, sharded, resumed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "resumed"
+    assert main(flags(llama, data, single, 4, *common, "--train.micro_batch_size", 4)) == 0
+    process = ranks(flags(llama, data, sharded, 4, *common, "--train.devices", 2, "--train.strategy", "fsdp"))
+    assert "x 2 processes (fsdp)" in process.stderr
+    ours, theirs = full_weights(sharded / "final"), full_weights(single / "final")
+    assert ours.keys() == theirs.keys()
+    moved = 0
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=5e-5)
+        moved += not torch.equal(ours[key], full_weights(sharded / "step-000002")[key])
+    assert moved > len(ours) // 2  # the comparison is about trained weights, not untouched ones
+    optimizer = torch.load(sharded / "step-000002" / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == len(ours)  # the whole Adam state was gathered, not one shard
+    ranks(flags(llama, data, resumed, 4, *common, "--train.devices", 2, "--train.strategy", "fsdp",
+                "--resume", sharded / "step-000002"))
+    for key, value in full_weights(resumed / "final").items():
+        torch.testing.assert_close(value, ours[key], rtol=0, atol=1e-6)

@@ -137,6 +137,9 @@ class TrainConfig(Section):
                          "processes); under torchrun the launcher decides")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = Field(42, description="seed of model init, dropout and data order")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp keeps a full copy of the model on each; fsdp "
+        "(method full only) shards weights, gradients and optimizer state across them (FSDP2)")
     log_interval: int = Field(10, ge=1, description="steps between metric log lines")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (loss, val loss, lr, "
                               "tokens/s, grad norm) to <run>/tensorboard (needs tunesmith[tensorboard])")
@@ -398,6 +401,10 @@ def semantic_problems(values: _Lookup) -> list[str]:
                         "each device needs at least one example per step")
     return problems
 
+    method = values.raw.get("method", RunConfig.model_fields["method"].default)
+    if values.get("train.strategy") == "fsdp" and isinstance(method, str) and method != "full":
+        problems.append(f"train.strategy=fsdp shards a full fine-tune; method={method} trains small adapters "
+                        "that every process can hold whole: use train.strategy=ddp")
 
 def _data_problems(values: _Lookup) -> list[str]:
     problems = []

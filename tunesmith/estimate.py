@@ -277,6 +277,12 @@ def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
     embed = s.vocab * s.hidden
     body = inv.total - embed - (0 if s.tied else inv.head_params)
     if config.method == "full":
+    ranks = fsdp_ranks(config)
+    if ranks > 1:  # each rank keeps 1/N of these, plus the layer being gathered and the next one
+        layer = 4.0 * sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.in_body) / inv.shape.layers
+        memory["weights"] = memory["weights"] / ranks + 2 * layer
+        memory["gradients"] /= ranks
+        memory["optimizer state"] /= ranks
         body_flops = 6 * body
         head = 6 * inv.head_params
     else:
@@ -285,6 +291,11 @@ def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
     mean_pairs = (config.data.max_seq_length + 1) / 2  # causal: token t attends to t + 1 positions
     attention = 3 * 4 * s.layers * s.heads * s.head_dim * mean_pairs
     return float(body_flops + head + attention)
+def fsdp_ranks(config: RunConfig) -> int:
+    """How many ranks share the weights: train.devices under strategy fsdp, else 1 (ddp copies them)."""
+    return config.train.devices if config.train.strategy == "fsdp" else 1
+
+
 
 
 def estimate(config: RunConfig, model_config_=None, device: str = "cpu",
@@ -400,7 +411,8 @@ def report(config: RunConfig, result: Estimate, budget: float, budget_text: str,
              (f"  parameters    {result.total_params / 1e6:10.2f} M total, "
               f"{result.trainable_params / 1e6:.3f} M trained ({share:.2f}%)"),
              (f"Memory at the peak of a step (micro batch {config.train.micro_batch_size} x "
-              f"{config.data.max_seq_length} tokens, every token supervised):")]
+              f"{config.data.max_seq_length} tokens, every token supervised)"
+              + (f", per rank of {fsdp_ranks(config)} (fsdp):" if fsdp_ranks(config) > 1 else ":"))]
     for component, value in result.memory.items():
         lines.append(f"  {component:28} {value / 2**20:10.1f} MiB")
     if result.quantization_savings:

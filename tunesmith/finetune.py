@@ -73,7 +73,7 @@ def launch_ranks(config: RunConfig) -> int:
 
 # Keys that must match between a checkpoint and the run resuming it (they shape data and model).
 MUST_MATCH = ("model", "method", "data", "lora", "qlora", "adapter", "train.batch_size", "train.micro_batch_size",
-              "train.seed")
+              "train.seed", "train.strategy")
 
 
 def resume_point(config: RunConfig) -> Path | None:

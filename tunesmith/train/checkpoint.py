@@ -3,7 +3,8 @@
     step-000200/  adapter_model.safetensors + adapter_config.json (PEFT format), or an HF model
                   directory for full fine-tunes; tokenizer files; config.yaml (resolved);
                   trainer_state.json (step, losses, early-stopping state);
-                  optimizer.pt + rng.safetensors (step-* only: what an exact resume needs);
+                  optimizer.pt + rng.safetensors (step-* only: what an exact resume needs; the
+                  RNG state of every rank, and under FSDP the whole, unsharded optimizer state);
                   manifest.json — SHA-256 of every file, written last: it marks the folder complete.
 
 A folder is written under a temporary name, every file fsynced, then renamed into place, so a
@@ -18,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.config import RunConfig, dump
 from tunesmith.errors import TunesmithError
+from tunesmith.train.distributed import Group
 
 MANIFEST = "manifest.json"
 
@@ -49,13 +52,13 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def checkpoint_bytes(model, optimizer=None) -> int:
+def checkpoint_bytes(model, optimizer_state: dict | None = None) -> int:
     """What a save writes, roughly: the saved weights plus optimizer state."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = trainable if hasattr(model, "peft_config") else list(model.parameters())
-    total = sum(p.numel() * p.element_size() for p in weights)
-    if optimizer is not None:
-        total += sum(t.numel() * t.element_size() for state in optimizer.state.values()
+    total = sum(p.numel() * p.element_size() for p in weights)  # a sharded weight's numel is the whole
+    if optimizer_state is not None:
+        total += sum(t.numel() * t.element_size() for state in optimizer_state["state"].values()
                      for t in state.values() if torch.is_tensor(t))
     return total
 
@@ -69,17 +72,68 @@ def ensure_disk_space(folder: Path, needed_bytes: int) -> None:
                               f"{margin / 2**20:.0f} MB and {free / 2**20:.0f} MB are free; nothing was written")
 
 
-def save(model, tokenizer, config: RunConfig, folder: Path, state: dict, optimizer=None) -> Path:
-    ensure_disk_space(folder, checkpoint_bytes(model, optimizer))
+@dataclass
+class Snapshot:
+    """What a save needs from every rank, gathered before the main rank writes.
+
+    weights: the whole model's state dict when it is sharded (FSDP), else None (the main rank
+    holds it all); optimizer: its state dict (full, keyed by parameter name, when sharded);
+    rng: every rank's random-number state (rank 0 under plain names, rank r as rank{r}/...)."""
+
+    weights: dict | None = None
+    optimizer: dict | None = None
+    rng: dict[str, torch.Tensor] | None = None
+
+
+def gather(model, optimizer, group: Group = Group()) -> Snapshot:
+    """Called on every rank (it is a collective when the run has several)."""
+    from tunesmith.train.distributed import is_sharded
+
+    if not is_sharded(model):
+        return Snapshot(optimizer=optimizer.state_dict() if optimizer is not None and group.is_main else None,
+                        rng=_all_rng_states(group) if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from tunesmith.train.loss import unwrap
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU only
+    tied = _tied_names(unwrap(model))  # saved once, as save_pretrained does for an unsharded model
+    weights = {name: value for key, value in get_model_state_dict(model, options=full).items()
+               if (name := key.removeprefix("model.")) not in tied}
+    state = get_optimizer_state_dict(model, optimizer, options=full) if optimizer is not None else None
+    rng = _all_rng_states(group) if optimizer is not None else None
+    return Snapshot(weights, state, rng) if group.is_main else Snapshot()
+
+
+def _all_rng_states(group: Group) -> dict[str, torch.Tensor]:
+    from tunesmith.train.distributed import gather_objects
+
+    states = {}
+    for rank, mine in enumerate(gather_objects(group, _rng_state())):
+        states.update({(key if rank == 0 else f"rank{rank}/{key}"): value for key, value in mine.items()})
+    return states
+
+
+def save(model, tokenizer, config: RunConfig, folder: Path, state: dict, snapshot: Snapshot = Snapshot()) -> Path:
+    """Write a checkpoint folder atomically (main rank only; `snapshot` from gather())."""
+    from tunesmith.train.loss import PackedLoss
+
+    model = model.model if isinstance(model, PackedLoss) else model
+    ensure_disk_space(folder, checkpoint_bytes(model, snapshot.optimizer))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    if snapshot.weights is not None:
+        model.save_pretrained(str(tmp), state_dict=snapshot.weights, safe_serialization=True)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "config.yaml").write_text(dump(config))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    if snapshot.optimizer is not None:
+        torch.save(snapshot.optimizer, tmp / "optimizer.pt")
+    if snapshot.rng is not None:
+        save_file(snapshot.rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:
@@ -148,23 +202,74 @@ def latest_resumable(run_dir: Path) -> tuple[Path, list[str]]:
                           + "; train.save_interval sets how often they are written")
 
 
-def restore(folder: Path, model, optimizer) -> dict:
-    """Load trainable weights, optimizer and RNG state from `folder`; returns its trainer state."""
+def restore(folder: Path, model, optimizer, group: Group = Group()) -> dict:
+    """Load trained weights, optimizer and this rank's RNG state from `folder` (every rank calls
+    it); returns its trainer state."""
+    from tunesmith.train.distributed import is_sharded
+
     problem = verify(folder)
     if problem:
         raise CheckpointError(f"{folder} is {problem}")
-    _load_weights(folder, model)
     try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{folder / 'optimizer.pt'} cannot be loaded safely (only plain tensors are "
                               f"accepted, nothing is unpickled): {str(err).splitlines()[0]}") from None
-    rng = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    try:
+        if is_sharded(model):
+            _load_sharded(folder, model, optimizer, optimizer_state)
+        else:
+            _load_weights(folder, model)
+            optimizer.load_state_dict(optimizer_state)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained weights "
+                              f"({str(err).splitlines()[0]})") from None
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), group)
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _set_rng_state(saved: dict[str, torch.Tensor], group: Group) -> None:
+    prefix = f"rank{group.rank}/" if group.rank else ""
+    mine = {key.removeprefix(prefix): value for key, value in saved.items()
+            if (key.startswith(prefix) if prefix else "/" not in key)}
+    if not mine:  # saved by fewer ranks than resume now: this rank continues from rank 0's stream
+        mine = {key: value for key, value in saved.items() if "/" not in key}
+    torch.set_rng_state(mine["torch_cpu"])
+    cuda_states = [mine[k] for k in sorted(mine) if k.startswith("torch_cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _full_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != "rng.safetensors":
+            tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _tied_names(hf_model) -> set[str]:
+    """Names under which a weight shared with another (tied embeddings) appears a second time."""
+    return {name for name, _ in hf_model.named_parameters(remove_duplicate=False)} - set(
+        dict(hf_model.named_parameters()))
+
+
+def _load_sharded(folder: Path, root, optimizer, optimizer_state: dict) -> None:
+    """FSDP: every rank reads the whole tensors and keeps its own shards of them."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from tunesmith.train.loss import unwrap
+
+    tensors = {f"model.{key}": value for key, value in _full_tensors(folder).items()}
+    tied = {f"model.{name}" for name in _tied_names(unwrap(root))}
+    expected = {name for name, _ in root.named_parameters()} - tied
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise CheckpointError(f"{folder}: weights missing for {[m.removeprefix('model.') for m in missing[:3]]}")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(root, tensors, options=options)
+    set_optimizer_state_dict(root, optimizer, optim_state_dict=optimizer_state, options=options)
 
 
 def _load_weights(folder: Path, model) -> None:
@@ -178,13 +283,8 @@ def _load_weights(folder: Path, model) -> None:
         return
     from tunesmith.train.loss import unwrap
 
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != "rng.safetensors":
-            tensors.update(load_file(str(path)))
-    result = unwrap(model).load_state_dict(tensors, strict=False)
-    tied = {name for name, _ in unwrap(model).named_parameters(remove_duplicate=False)} - set(
-        dict(unwrap(model).named_parameters()))
+    result = unwrap(model).load_state_dict(_full_tensors(folder), strict=False)
+    tied = _tied_names(unwrap(model))
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise CheckpointError(f"{folder}: weights missing for {missing[:3]}")

@@ -5,6 +5,11 @@ Each step's batch_size examples are dealt out across ranks (rank r takes every w
 the effective batch is the same as on one device. Every rank divides its summed loss by the
 supervised-token count of the whole step across all ranks, and gradients are summed (not
 averaged) across ranks: the update equals the single-process one, whatever the split.
+
+Two strategies. ddp: every rank holds the whole model; after backward one all-reduce sums the
+trainable gradients. fsdp (FSDP2, full fine-tunes): every rank holds 1/world of each weight, its
+gradient and its optimizer state; a layer's weights are all-gathered just before it runs and freed
+after, and gradients are reduce-scattered (summed) back into the shards.
 """
 
 from __future__ import annotations
@@ -58,6 +63,51 @@ class Group:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+
+def transformer_layers(hf_model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model: its first ModuleList with more than one entry."""
+    lists = [m for m in hf_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    return list(lists[0]) if lists else []
+
+
+def shard(model, device: torch.device):
+    """FSDP2 over all ranks: each transformer layer is its own unit; the rest (embeddings, final
+    norm, output layer) belongs to the root, which is model and loss together (PackedLoss), so
+    those weights stay gathered for the whole loss. Returns the root; train through it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tunesmith.train.loss import PackedLoss, unwrap
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    root = PackedLoss(model)
+    units = [fully_shard(layer, mesh=mesh) for layer in transformer_layers(unwrap(model))]
+    units.append(fully_shard(root, mesh=mesh))
+    for unit in units:  # a plain sum, not an average: each rank's loss is already divided by the
+        unit.set_gradient_divide_factor(1.0)  # whole step's targets (and gloo has no pre-scaled sums)
+        unit.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (a sharded weight's gradient norm, say); others unchanged."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def gather_objects(group: Group, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a one-element list without a group)."""
+    if not group.active:
+        return [obj]
+    everyone = [None] * group.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
 
 
 def under_torchrun() -> bool:

@@ -23,7 +23,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.errors import TunesmithError
 from tunesmith.log import say
-from tunesmith.train import checkpoint
+from tunesmith.train import checkpoint, distributed
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, StepPlan, pack
 from tunesmith.train.distributed import Group
@@ -161,30 +161,34 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     train_cfg, run_dir = config.train, config.run_dir
     plan = StepPlan.build(len(splits["train"]), train_cfg.batch_size, train_cfg.micro_batch_size,
                           train_cfg.epochs, train_cfg.max_steps, train_cfg.seed)
-    optimizer = build_optimizer(model, train_cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
     if train_cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if train_cfg.compile:
         _compile_layers(model)
+    sharded = train_cfg.strategy == "fsdp" and group.active
+    if sharded:  # from here on `model` is the FSDP root: model and loss in one module
+        model = distributed.shard(model, device)
+    optimizer = build_optimizer(model, train_cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
     state = LoopState()
     if resume_from is not None:
-        state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer))
+        state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer, group))
         say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
-    group.broadcast_parameters(trainable)
+    if not sharded:  # FSDP ranks each load the same weights, then keep only their shards
+        group.broadcast_parameters(trainable)
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None) \
         if group.is_main else None
     scalars = _scalar_log(config, state.step if resume_from else None) if group.is_main else None
-    ranks = f" x {group.world_size} processes" if group.active else ""
+    ranks = f" x {group.world_size} processes ({'fsdp' if sharded else 'ddp'})" if group.active else ""
     say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
         f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}{ranks}, {dtype}")
 
     def save_step(kind_folder: Path, kind: str, **extra) -> None:
+        snapshot = checkpoint.gather(model, optimizer if kind == "step" else None, group)  # every rank
         if group.is_main:  # one writer; the others wait until the folder is complete
-            with_optimizer = optimizer if kind == "step" else None
-            checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), with_optimizer)
+            checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), snapshot)
         group.barrier()
 
     def log(record: dict) -> None:
@@ -208,8 +212,10 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
                        for i in range(0, len(mine), train_cfg.micro_batch_size)]
             step_targets = group.sum(torch.tensor(sum(b.n_targets for b in batches), device=device))
             step_loss = group.sum(train_step(model, batches, autocast, train_cfg.loss_chunk_size, step_targets))
-            group.sum_gradients(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf)
+            if not sharded:  # FSDP has already summed each gradient into its owner's shard
+                group.sum_gradients(trainable)
+            grad_norm = distributed.full_value(
+                torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf))
             if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
                 optimizer.step()
                 state.bad_steps_in_row = 0
@@ -313,8 +319,7 @@ def _enable_gradient_checkpointing(model) -> None:
 
 def _compile_layers(model) -> None:
     """Compile each repeated block once, with dynamic sequence lengths (packed rows vary)."""
-    layers = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    for layer in layers[0] if layers else []:
+    for layer in distributed.transformer_layers(unwrap(model)):
         layer.compile(dynamic=True)
 
 

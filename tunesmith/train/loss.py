@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def unwrap(model):
-    """The transformers model inside a PEFT wrapper (LoRA layers are injected in place)."""
+    """The transformers model inside a PackedLoss and/or PEFT wrapper (LoRA layers are injected in place)."""
+    if isinstance(model, PackedLoss):
+        model = model.model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -53,8 +55,29 @@ def chunked_cross_entropy(hidden, output_layer, targets, transform=lambda x: x, 
     return total
 
 
+class PackedLoss(torch.nn.Module):
+    """The model and its loss as one module, so one forward call covers every weight used.
+
+    loss_sum calls the decoder and then the output layer's weight directly; FSDP2 gathers a
+    module's sharded weights only around its forward and backward. With this module as FSDP's
+    root, the embeddings, final norm and output layer are gathered for the whole loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, chunk_size: int = 1024) -> torch.Tensor:
+        return _loss_sum(self.model, batch, chunk_size)
+
+
 def loss_sum(model, batch, chunk_size: int = 1024) -> torch.Tensor:
     """Summed loss of a packed micro batch (divide by the window's target count outside)."""
+    if isinstance(model, PackedLoss):
+        return model(batch, chunk_size)
+    return _loss_sum(model, batch, chunk_size)
+
+
+def _loss_sum(model, batch, chunk_size: int) -> torch.Tensor:
     hf_model = unwrap(model)
     decoder = hf_model.base_model
     out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
