@@ -118,3 +118,40 @@ def test_cli_trains_qlora_and_generation_uses_the_quantized_base(llama, tmp_path
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_frozen_base_tracks_the_fp32_run(llama):
+    """Frozen weights held in bf16 (LoRA weights and Adam state in fp32, maths under bf16 autocast)
+    follow the all-fp32 run over 8 Adam steps at lr 3e-3: per-step loss within 0.2%, and every trained
+    LoRA B within 8% (relative norm of the difference; measured 4%) and pointing the same way (cosine
+    > 0.995; measured 0.999). bf16 keeps 8 bits of mantissa; Adam's normalised steps magnify the tiny
+    gradient differences in near-zero entries, so the weights drift more than the loss does. This is
+    the stated tolerance of that trade. (At lr 1e-2 this tiny model's loss jumps about and both runs
+    stay within 1% of loss but drift 20% apart in weights.)"""
+    config = RunConfig.model_validate({"model": str(llama), "method": "lora", "lora": {"dropout": 0.0}})
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_for_training(llama, config, "cpu", dtype), config, dtype)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert frozen == {dtype} and trained == {torch.float32}
+        batch = fixed_batch(model.config.vocab_size)
+        optimizer = build_optimizer(model, TrainConfig(learning_rate=3e-3))
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        losses = []
+        for _ in range(8):
+            losses.append(float(train_step(model, [batch], autocast, 64)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.float32}
+        runs[dtype] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (losses32, lora32), (losses16, lora16) = runs[torch.float32], runs[torch.bfloat16]
+    assert losses32[-1] < losses32[0] - 0.05  # it trained, so the comparison means something
+    for a, b in zip(losses32, losses16):
+        assert abs(a - b) <= 0.002 * a, (losses32, losses16)
+    for name, weight in lora32.items():
+        if "lora_B" in name:  # B starts at zero: its whole value is what training wrote
+            assert float((lora16[name] - weight).norm() / weight.norm()) < 0.08, name
+            cosine = torch.nn.functional.cosine_similarity(lora16[name].flatten(), weight.flatten(), dim=0)
+            assert float(cosine) > 0.995, name
