@@ -21,7 +21,7 @@ from tunesmith.data.dataset import TokenizedSplit, read_rows, write_rows
 from tunesmith.data.formats import Example
 from tunesmith.data.gather import Gathered, gather
 from tunesmith.data.templates import Encoder, Template, choose, pieces, prompt_text
-from tunesmith.data.text import pack_documents
+from tunesmith.data.text import pack_documents, within_length_limits
 from tunesmith.errors import DataError
 from tunesmith.log import say
 
@@ -170,11 +170,7 @@ def tokenize(examples: list[Example], template: Template, encoder: Encoder, toke
              "too_short": 0, "too_long": 0, "tokens": 0, "supervised_tokens": 0}
     for example in examples:
         ids, supervised = encoder.encode(pieces(template, example, tokenizer), mask_prompt)
-        if len(ids) < min_tokens:
-            stats["too_short"] += 1
-            continue
-        if max_tokens is not None and len(ids) > max_tokens:
-            stats["too_long"] += 1
+        if not within_length_limits(len(ids), min_tokens, max_tokens, stats):
             continue
         if len(ids) > max_seq_length:
             stats["truncated"] += 1

@@ -21,6 +21,17 @@ def document_ids(encoder: Encoder, tokenizer, text: str) -> list[int]:
     return encoder.encode_prompt(text) + ([eos] if eos is not None else [])
 
 
+def within_length_limits(length: int, min_tokens: int, max_tokens: int | None, stats: dict) -> bool:
+    """data.min_tokens / data.max_tokens: False (and counted as too_short / too_long) outside them."""
+    if length < min_tokens:
+        stats["too_short"] += 1
+        return False
+    if max_tokens is not None and length > max_tokens:
+        stats["too_long"] += 1
+        return False
+    return True
+
+
 def pack_documents(documents: list[Example], encoder: Encoder, tokenizer, block_size: int,
                    min_tokens: int = 0, max_tokens: int | None = None
                    ) -> tuple[TokenizedSplit, list[dict], dict]:
@@ -31,11 +42,7 @@ def pack_documents(documents: list[Example], encoder: Encoder, tokenizer, block_
     owners: list[tuple[int, str]] = []  # (start position in the stream, document where)
     for document in documents:
         ids = document_ids(encoder, tokenizer, document.reference)
-        if len(ids) < min_tokens:
-            stats["too_short"] += 1
-            continue
-        if max_tokens is not None and len(ids) > max_tokens:
-            stats["too_long"] += 1
+        if not within_length_limits(len(ids), min_tokens, max_tokens, stats):
             continue
         owners.append((len(stream), document.where))
         stream += ids
