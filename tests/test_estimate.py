@@ -63,8 +63,24 @@ def test_memory_components_by_hand(llama, vocab):
         "optimizer state": 8 * trainable,  # AdamW: two fp32 moments
         "activations": 4 * per_token * tokens,
         "loss (output layer chunks)": 3 * 4 * tokens * vocab,
+        # glibc keeps freed activations for reuse, less what the gradient buffers take back
+        "freed memory the CPU allocator keeps": 0.6 * 4 * per_token * tokens - 4 * trainable,
     }
     assert result.peak_bytes == sum(result.memory.values())
+    compact = est.estimate(config(llama, "lora", train={"compact_memory": True}))  # freed memory returned at once
+    assert compact.memory == {k: v for k, v in result.memory.items() if k != "freed memory the CPU allocator keeps"}
+
+
+def test_fsdp_divides_what_each_rank_holds(llama, vocab):
+    whole = est.estimate(config(llama, "full"))
+    sharded = est.estimate(config(llama, "full", train={"devices": 4, "strategy": "fsdp"}))
+    total, layer = 2 * PER_LAYER + 64 + vocab * 64, 4 * 36864  # one layer's linear weights in fp32
+    assert sharded.memory["weights"] == 4 * total / 4 + 2 * layer  # a quarter, plus two gathered layers
+    assert sharded.memory["gradients"] == whole.memory["gradients"] / 4 == total
+    assert sharded.memory["optimizer state"] == whole.memory["optimizer state"] / 4
+    assert sharded.memory["activations"] == whole.memory["activations"]  # each rank runs its own micro batch
+    replicated = est.estimate(config(llama, "full", train={"devices": 4}))  # ddp: a full copy per rank
+    assert replicated.memory == whole.memory
 
 
 def test_qlora_weights_and_savings_by_hand(llama, vocab):

@@ -129,17 +129,20 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this many validation passes without improvement")
     max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row (each is skipped)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the hardware has it (this CPU's avx512_bf16, CUDA), else fp32")
+        "auto", description="auto: bf16 where the hardware does it natively (CPUs with avx512_bf16 or "
+        "AMX, CUDA), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     compile: bool = Field(False, description="torch.compile each transformer layer (dynamic shapes); "
                           "off by default: see bench/RESULTS.md for what it pays here")
+    compact_memory: bool = Field(False, description="CPU: hand freed activation memory straight back to "
+                                 "the OS; peak RAM ~25% lower, steps ~30% slower (bench/RESULTS.md)")
     devices: int = Field(1, ge=1, description="data-parallel processes on this machine (GPUs, or CPU "
                          "processes); under torchrun the launcher decides")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    seed: int = Field(42, description="seed of model init, dropout and data order")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes: ddp keeps a full copy of the model on each; fsdp "
         "(method full only) shards weights, gradients and optimizer state across them (FSDP2)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: int = Field(42, description="seed of model init, dropout and data order")
     log_interval: int = Field(10, ge=1, description="steps between metric log lines")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (loss, val loss, lr, "
                               "tokens/s, grad norm) to <run>/tensorboard (needs tunesmith[tensorboard])")
@@ -399,12 +402,12 @@ def semantic_problems(values: _Lookup) -> list[str]:
     if _all(int, devices, batch) and devices > batch:
         problems.append(f"train.devices={devices} is more than train.batch_size={batch}: "
                         "each device needs at least one example per step")
-    return problems
-
     method = values.raw.get("method", RunConfig.model_fields["method"].default)
     if values.get("train.strategy") == "fsdp" and isinstance(method, str) and method != "full":
         problems.append(f"train.strategy=fsdp shards a full fine-tune; method={method} trains small adapters "
                         "that every process can hold whole: use train.strategy=ddp")
+    return problems
+
 
 def _data_problems(values: _Lookup) -> list[str]:
     problems = []

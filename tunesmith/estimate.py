@@ -19,6 +19,10 @@ Memory at the peak of a step, the start of backward, when all saved activations 
                  Gradient checkpointing keeps one d per layer plus one layer's worth.
     loss         the output layer runs on chunks of loss_chunk_size supervised positions: at most
                  3 x chunk x vocab floats (logits, log-softmax and their gradient) at a time
+    CPU heap     unless train.compact_memory: the freed activation memory glibc keeps for reuse,
+                 0.6 x activations less what gradient buffers take back from it (fitted, see HEAP_KEEPS)
+Under train.strategy fsdp each of train.devices ranks holds 1/N of the weights, gradients and
+optimizer state, plus two gathered layers (the running one and the next).
 The worst case is assumed: every example max_seq_length tokens long, every token supervised.
 """
 
@@ -256,6 +260,14 @@ def lora_extra(config: RunConfig, inv: Inventory, device: str) -> float:
     return extra
 
 
+# glibc's heap keeps freed activation blocks for reuse (train.compact_memory hands them back); the
+# gradient buffers of a full fine-tune are carved from that same free space. Fitted on SmolLM2-135M,
+# micro batch 4 x 256 (bench/estimate_accuracy.py): kept = 0.6 x activations - gradients gives full
+# 316 MiB, LoRA and QLoRA 1207, against measured gaps (default minus compact allocator, two runs)
+# of 278-395, 1074-1139 and 1314-1321 MiB.
+HEAP_KEEPS = 0.6
+
+
 def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torch.dtype, device: str,
                 trainable: int) -> dict[str, float]:
     tokens = micro_batch * config.data.max_seq_length
@@ -266,9 +278,23 @@ def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torc
               "optimizer state": optimizer_bytes(config.train.optimizer, config, inv, trainable, device),
               "activations": activation_floats_per_token(config, inv, device) * tokens * activation_bytes,
               "loss (output layer chunks)": 3.0 * 4 * chunk * inv.shape.vocab}
+    ranks = fsdp_ranks(config)
+    if ranks > 1:  # each rank keeps 1/N of these, plus the layer being gathered and the next one
+        layer = 4.0 * sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.in_body) / inv.shape.layers
+        memory["weights"] = memory["weights"] / ranks + 2 * layer
+        memory["gradients"] /= ranks
+        memory["optimizer state"] /= ranks
     if device.startswith("cuda"):
         memory["CUDA context"] = 0.5 * GiB
+    elif not config.train.compact_memory:
+        memory["freed memory the CPU allocator keeps"] = max(
+            0.0, HEAP_KEEPS * memory["activations"] - memory["gradients"])
     return memory
+
+
+def fsdp_ranks(config: RunConfig) -> int:
+    """How many ranks share the weights: train.devices under strategy fsdp, else 1 (ddp copies them)."""
+    return config.train.devices if config.train.strategy == "fsdp" else 1
 
 
 def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
@@ -277,12 +303,6 @@ def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
     embed = s.vocab * s.hidden
     body = inv.total - embed - (0 if s.tied else inv.head_params)
     if config.method == "full":
-    ranks = fsdp_ranks(config)
-    if ranks > 1:  # each rank keeps 1/N of these, plus the layer being gathered and the next one
-        layer = 4.0 * sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.in_body) / inv.shape.layers
-        memory["weights"] = memory["weights"] / ranks + 2 * layer
-        memory["gradients"] /= ranks
-        memory["optimizer state"] /= ranks
         body_flops = 6 * body
         head = 6 * inv.head_params
     else:
@@ -291,11 +311,6 @@ def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
     mean_pairs = (config.data.max_seq_length + 1) / 2  # causal: token t attends to t + 1 positions
     attention = 3 * 4 * s.layers * s.heads * s.head_dim * mean_pairs
     return float(body_flops + head + attention)
-def fsdp_ranks(config: RunConfig) -> int:
-    """How many ranks share the weights: train.devices under strategy fsdp, else 1 (ddp copies them)."""
-    return config.train.devices if config.train.strategy == "fsdp" else 1
-
-
 
 
 def estimate(config: RunConfig, model_config_=None, device: str = "cpu",

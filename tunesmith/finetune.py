@@ -38,7 +38,7 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     group, device_name = distributed.start(config.train.device)
     device = pick_device(device_name)
     dtype = pick_dtype(config.train.precision, device)
-    if device.type == "cpu":  # freed activations go back to the OS instead of fragmenting the heap
+    if device.type == "cpu" and config.train.compact_memory:  # lower peak RSS for slower steps
         from tunesmith.train.memory import return_freed_memory_to_os
 
         return_freed_memory_to_os()

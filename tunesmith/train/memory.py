@@ -1,11 +1,13 @@
-"""Host memory that is freed goes back to the operating system.
+"""train.compact_memory: freed host memory goes back to the operating system at once.
 
 glibc's malloc serves large blocks with mmap (returned on free) only above a threshold that it
 raises each time such a block is freed, up to 32 MiB. A training step frees and reallocates
-activations of a few MiB each, so after the first step they come from the heap, which keeps
-freed memory and fragments: on SmolLM2-135M LoRA (micro batch 4 x 256 tokens) the resident size
-grew by ~1 GiB per step over the ~3.2 GiB the step needs. Pinning the threshold at 128 KiB keeps
-the resident size at what the step holds, and measured no slower.
+activations of a few MiB each, so after the first steps they come from the heap, which keeps
+what was freed for reuse: the resident size climbs for a few steps to a high-water mark ~1.3-1.5x
+what one step holds, then stays there (it is reuse, not a leak). Pinning the threshold at 128 KiB
+keeps the resident size at what the step holds, but every activation then costs fresh, zeroed
+pages from the kernel: on SmolLM2-135M LoRA steps ran ~30% slower. So it is opt-in, for a run
+that would not otherwise fit in RAM; bench/RESULTS.md has both, measured side by side.
 """
 
 from __future__ import annotations
