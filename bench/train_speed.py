@@ -73,6 +73,7 @@ class Variant:
     batching: str = "packed"  # tunesmith: packed | padded;  trl: padded | padding_free | packing
     loss_chunk_size: int = 1024  # tunesmith only
     compact_memory: bool = False  # tunesmith only
+    compile: bool = False  # tunesmith only
 
 
 VARIANTS = [
@@ -80,6 +81,8 @@ VARIANTS = [
     Variant("tunesmith-gc", "tunesmith", "+ gradient checkpointing", gradient_checkpointing=True),
     Variant("tunesmith-compact", "tunesmith", "+ train.compact_memory (freed memory back to the OS at once)",
             compact_memory=True),
+    Variant("tunesmith-compile", "tunesmith", "+ train.compile (torch.compile of each layer; compile time not timed)",
+            compile=True),
     Variant("tunesmith-padded", "tunesmith", "padded batches (emulated), no checkpointing",
             batching="padded"),
     Variant("tunesmith-one-chunk", "tunesmith", "loss in one chunk (not chunked), no checkpointing",
@@ -167,7 +170,8 @@ def tunesmith_config(data_path: Path, out_dir: Path, total_steps: int, variant: 
              "precision": "auto", "device": "auto", "seed": SEED}
     if variant is not None:
         train.update(gradient_checkpointing=variant.gradient_checkpointing,
-                     loss_chunk_size=variant.loss_chunk_size, compact_memory=variant.compact_memory)
+                     loss_chunk_size=variant.loss_chunk_size, compact_memory=variant.compact_memory,
+                     compile=variant.compile)
     return build({"model": MODEL, "method": "lora", "out_dir": str(out_dir),
                   "data": {"path": str(data_path), "val_split": 0.0, "test_split": 0.0,
                            "max_seq_length": MAX_LENGTH, "mask_prompt": True, "seed": SEED},
