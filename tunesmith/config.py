@@ -135,7 +135,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile each transformer layer (dynamic shapes); "
                           "off by default: see bench/RESULTS.md for what it pays here")
     compact_memory: bool = Field(False, description="CPU: hand freed activation memory straight back to "
-                                 "the OS; peak RAM ~25% lower, steps ~30% slower (bench/RESULTS.md)")
+                                 "the OS; peak RAM ~25% lower, steps ~40% slower (bench/RESULTS.md)")
     devices: int = Field(1, ge=1, description="data-parallel processes on this machine (GPUs, or CPU "
                          "processes); under torchrun the launcher decides")
     strategy: Literal["ddp", "fsdp"] = Field(

@@ -222,7 +222,7 @@ def restore(folder: Path, model, optimizer, group: Group = Group()) -> dict:
             _load_weights(folder, model)
             optimizer.load_state_dict(optimizer_state)
     except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained weights "
+        raise CheckpointError(f"{folder}: its weights or optimizer state do not fit this run's model "
                               f"({str(err).splitlines()[0]})") from None
     _set_rng_state(load_file(str(folder / "rng.safetensors")), group)
     return json.loads((folder / "trainer_state.json").read_text())

@@ -6,8 +6,8 @@ activations of a few MiB each, so after the first steps they come from the heap,
 what was freed for reuse: the resident size climbs for a few steps to a high-water mark ~1.3-1.5x
 what one step holds, then stays there (it is reuse, not a leak). Pinning the threshold at 128 KiB
 keeps the resident size at what the step holds, but every activation then costs fresh, zeroed
-pages from the kernel: on SmolLM2-135M LoRA steps ran ~30% slower. So it is opt-in, for a run
-that would not otherwise fit in RAM; bench/RESULTS.md has both, measured side by side.
+pages from the kernel: on SmolLM2-135M LoRA steps ran ~40% slower (71 vs 120 tok/s). So it is
+opt-in, for a run that would not otherwise fit in RAM; bench/RESULTS.md has both, side by side.
 """
 
 from __future__ import annotations
