@@ -29,7 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
-	$(PY) bench/train_speed.py
+	$(PY) bench/train_speed.py --steps 6
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
