@@ -179,26 +179,23 @@ def test_full_disk_is_refused_before_writing(tmp_path, llama, data, monkeypatch,
     assert not list(out.glob("step-*")) and not list(out.glob("*.tmp"))
 
 
-def test_two_cpu_ranks_match_one_process(tmp_path, llama, data):
-    common = ["--train.eval_interval", 0, "--train.save_interval", 0, "--lora.dropout", 0]
-    single, double = tmp_path / "one", tmp_path / "two"
-    assert main(flags(llama, data, single, 4, *common, "--train.micro_batch_size", 4)) == 0
-    process = subprocess.run([sys.executable, "-m", "tunesmith", *flags(llama, data, double, 4, *common,
-                              "--train.devices", 2)], cwd=REPO, env=dict(os.environ), capture_output=True,
-                             text=True, timeout=180)
-    assert process.returncode == 0, process.stderr[-2000:]
-    assert "x 2 processes" in process.stderr
-    ours, theirs = adapter(double / "final"), adapter(single / "final")
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
-
-
 def ranks(args: list, timeout: float = 240) -> subprocess.CompletedProcess:
     """A `tunesmith finetune` that starts its own 2 CPU ranks (train.devices 2 relaunches via torchrun)."""
     process = subprocess.run([sys.executable, "-m", "tunesmith", *[str(a) for a in args]], cwd=REPO,
                              env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
     assert process.returncode == 0, process.stderr[-3000:]
     return process
+
+
+def test_two_cpu_ranks_match_one_process(tmp_path, llama, data):
+    common = ["--train.eval_interval", 0, "--train.save_interval", 0, "--lora.dropout", 0]
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert main(flags(llama, data, single, 4, *common, "--train.micro_batch_size", 4)) == 0
+    process = ranks(flags(llama, data, double, 4, *common, "--train.devices", 2))
+    assert "x 2 processes" in process.stderr
+    ours, theirs = adapter(double / "final"), adapter(single / "final")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
 
 
 def test_ddp_resume_restores_each_ranks_random_state(tmp_path, llama, data):
@@ -229,10 +226,10 @@ def test_fsdp_full_finetune_matches_one_process_and_resumes(tmp_path, llama, dat
     assert "x 2 processes (fsdp)" in process.stderr
     ours, theirs = full_weights(sharded / "final"), full_weights(single / "final")
     assert ours.keys() == theirs.keys()
-    moved = 0
+    moved, at_step_2 = 0, full_weights(sharded / "step-000002")
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=5e-5)
-        moved += not torch.equal(ours[key], full_weights(sharded / "step-000002")[key])
+        moved += not torch.equal(ours[key], at_step_2[key])
     assert moved > len(ours) // 2  # the comparison is about trained weights, not untouched ones
     optimizer = torch.load(sharded / "step-000002" / "optimizer.pt", weights_only=True)
     assert len(optimizer["state"]) == len(ours)  # the whole Adam state was gathered, not one shard

@@ -365,6 +365,8 @@ class _Lookup:
         self.raw = raw
 
     def get(self, dotted: str):
+        if "." not in dotted:  # a top-level key such as method
+            return self.raw.get(dotted, RunConfig.model_fields[dotted].default)
         section, key = dotted.split(".")
         node = self.raw.get(section)
         if isinstance(node, dict) and key in node:
@@ -402,7 +404,7 @@ def semantic_problems(values: _Lookup) -> list[str]:
     if _all(int, devices, batch) and devices > batch:
         problems.append(f"train.devices={devices} is more than train.batch_size={batch}: "
                         "each device needs at least one example per step")
-    method = values.raw.get("method", RunConfig.model_fields["method"].default)
+    method = values.get("method")
     if values.get("train.strategy") == "fsdp" and isinstance(method, str) and method != "full":
         problems.append(f"train.strategy=fsdp shards a full fine-tune; method={method} trains small adapters "
                         "that every process can hold whole: use train.strategy=ddp")

@@ -229,10 +229,9 @@ def restore(folder: Path, model, optimizer, group: Group = Group()) -> dict:
 
 
 def _set_rng_state(saved: dict[str, torch.Tensor], group: Group) -> None:
-    prefix = f"rank{group.rank}/" if group.rank else ""
-    mine = {key.removeprefix(prefix): value for key, value in saved.items()
-            if (key.startswith(prefix) if prefix else "/" not in key)}
-    if not mine:  # saved by fewer ranks than resume now: this rank continues from rank 0's stream
+    prefix = f"rank{group.rank}/"  # rank 0's states have no prefix
+    mine = {key.removeprefix(prefix): value for key, value in saved.items() if key.startswith(prefix)}
+    if not mine:  # rank 0, or saved by fewer ranks than resume now: rank 0's stream
         mine = {key: value for key, value in saved.items() if "/" not in key}
     torch.set_rng_state(mine["torch_cpu"])
     cuda_states = [mine[k] for k in sorted(mine) if k.startswith("torch_cuda_")]
