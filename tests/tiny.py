@@ -60,7 +60,16 @@ FAMILIES = {
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=512),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
 }
+# Phi-4 (a Phi3ForCausalLM) ships a GPT-2 style BPE tokenizer and says so; llama.cpp's converter
+# reads the class name to pick it
+TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
 
 
 def make_model(folder: Path, family: str = "llama", chat: bool = True, seed: int = 0) -> Path:
@@ -68,6 +77,10 @@ def make_model(folder: Path, family: str = "llama", chat: bool = True, seed: int
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = make_tokenizer(folder, chat=chat)
+    if family in TOKENIZER_CLASS:
+        settings_file = folder / "tokenizer_config.json"
+        settings = json.loads(settings_file.read_text())
+        settings_file.write_text(json.dumps({**settings, "tokenizer_class": TOKENIZER_CLASS[family]}))
     settings = dict(FAMILIES[family])
     model_type = settings.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **settings,

@@ -1,13 +1,20 @@
-"""`tunesmith export RUN --format gguf`: the fine-tuned model as one GGUF file for llama.cpp, Ollama
-and LM Studio, with its tokenizer and chat template inside.
+"""`tunesmith export RUN --format gguf|gguf-lora|hf`: the fine-tuned model as it was trained, for
+llama.cpp, Ollama and LM Studio.
 
-Adapter runs are merged first (tunesmith merge). The file is written under a temporary name,
-loaded back through transformers' GGUF loader, and its logits compared with the merged model's
-on a few prompts; only a file that passes is renamed into place. Architectures and tokenizers the
-writer does not know are refused before anything is written.
+    gguf       the whole model in one file: adapters merged (tunesmith merge), converted by
+               llama.cpp's own converter, k-quants made by llama.cpp's quantizer
+    gguf-lora  the adapter alone (llama.cpp --lora, Ollama ADAPTER) and the base it applies to
+    hf         a merged Hugging Face directory (as `tunesmith merge`)
 
-    f32   exact; f16: half the size, ~1e-3 relative error; q8_0: a quarter, blocks of 32 weights
-          sharing one fp16 scale, ~1e-2 relative error. 1-D tensors (norms, biases) stay f32.
+The run's template travels with the model: the file's `tokenizer.chat_template` renders the prompt
+the run was trained on (model chat template, alpaca, qa or a custom string, with the run's system
+prompt), its EOS is the token training appended, and an Ollama Modelfile is written beside it.
+
+Before anything is kept the file is loaded by llama.cpp's library and answers held-out prompts
+greedily next to `tunesmith generate` (model/gguf_check.py); a file that disagrees beyond the
+type's tolerance is deleted. Everything is written in a temporary folder and renamed into place:
+
+    <run>/export-<type>/<name>.<type>.gguf  Modelfile  export.json
 """
 
 from __future__ import annotations
@@ -15,281 +22,285 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from tunesmith import config as config_module
+from tunesmith.data.dataset import read_rows
 from tunesmith.errors import TunesmithError
 from tunesmith.log import say
+from tunesmith.model import llama_cpp
+from tunesmith.model.gguf_check import CheckError, compare, verdict
+from tunesmith.model.portable_template import jinja_template, modelfile, render
 from tunesmith.train import checkpoint
+
+TYPES = (*llama_cpp.CONVERTER_TYPES, *llama_cpp.QUANTIZER_TYPES)
+# share of held-out prompts whose greedy answers must be identical in llama.cpp (measured on the
+# demo run: bench/RESULTS.md); 16-bit types round weights only, k-quants change most of them
+MIN_AGREEMENT = {"f32": 0.95, "f16": 0.95, "bf16": 0.9, "q8_0": 0.9, "q6_k": 0.8, "q5_k_m": 0.7, "q4_k_m": 0.5}
+CHECK_PROMPTS = ["What is the capital of France?", "Convert the date March 5, 2021 to ISO format.",
+                 "Name three primary colors.", "hello world", "What is 12 plus 30?"]
 
 
 class ExportError(TunesmithError):
-    """The model cannot be exported, or the written file did not load back the same."""
+    """The model cannot be exported as asked."""
 
 
-@dataclass(frozen=True)
-class Arch:
-    gguf_name: str  # general.architecture in the file
-    rotate_pairs: bool  # llama.cpp's llama kernels want q/k rows in interleaved-pair rotary order
+@dataclass
+class Source:
+    loaded: object  # infer.generate.Loaded: the model as tunesmith runs it (fp32, adapters merged)
+    name: str
+    run_dir: Path | None  # None for a plain HF directory
+    folder: Path  # the checkpoint (or HF directory) exported
+    run_config: object | None
+    base_dir: Path | None = None  # the base model's HF directory (its tokenizer.model, for adapter runs)
 
 
-# transformers model_type → how llama.cpp and transformers' GGUF loader both read it
-ARCHS = {"llama": Arch("llama", True), "qwen2": Arch("qwen2", False)}
-
-# relative RMS error of the reloaded logits that each type must stay under (measured well below)
-TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "q8_0": 6e-2}
-CHECK_PROMPTS = ["What is the capital of France?", "Convert the date March 5, 2021 to ISO format.",
-                 "hello world"]
-
-
-def check_exportable(model_config, tokenizer) -> Arch:
-    """Raise ExportError, before anything is written, for what the GGUF writer cannot express."""
-    model_type = model_config.model_type
-    if model_type not in ARCHS:
-        raise ExportError(f"cannot export a {model_type} model to GGUF yet (supported: {', '.join(sorted(ARCHS))}); "
-                          "`tunesmith merge` still writes a Hugging Face directory")
-    rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"cannot export to GGUF: {rope['rope_type']} rotary scaling is not written yet")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    kinds = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    if spec["model"]["type"] != "BPE" or "ByteLevel" not in kinds:
-        raise ExportError(f"cannot export to GGUF: only byte-level BPE tokenizers (GPT-2 style) are written; "
-                          f"this one is {spec['model']['type']}")
-    return ARCHS[model_type]
-
-
-def rotate_pairs(weight: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half rotary layout → llama.cpp's interleaved pairs, per head (q and k rows)."""
-    half = weight.shape[0] // heads // 2
-    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def tensor_plan(model, arch: Arch) -> list[tuple[str, np.ndarray]]:
-    """(gguf name, fp32 array) for every weight; the output layer is skipped when tied."""
-    import gguf
-
-    config = model.config
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_name)
-    names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
-    tied = getattr(config, "tie_word_embeddings", False)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    plan = []
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        stem, _, suffix = hf_name.rpartition(".")
-        gguf_stem = names.get_name(stem)
-        if gguf_stem is None:
-            raise ExportError(f"cannot export to GGUF: no GGUF name for weight {hf_name}")
-        array = tensor.detach().float().cpu().numpy()
-        if arch.rotate_pairs and gguf_stem.endswith(("attn_q", "attn_k")):
-            array = rotate_pairs(array, config.num_attention_heads if gguf_stem.endswith("attn_q") else kv_heads)
-        plan.append((f"{gguf_stem}.{suffix}", array))
-    return plan
-
-
-def encode_tensor(array: np.ndarray, kind: str):
-    """(data, raw_dtype) for the writer: 1-D and odd-width tensors stay f32 / f16."""
-    import gguf
-
-    if array.ndim == 1 or kind == "f32":
-        return array.astype(np.float32), None
-    if kind == "q8_0" and array.shape[-1] % 32 == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(array, qtype), qtype
-    return array.astype(np.float16), None
-
-
-def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
-    """Tokens (by id, padded to the embedding size), their types, merges and special ids."""
-    import gguf
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    special = {t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = by_id.get(index, f"[PAD{index}]")
-        tokens.append(token)
-        types.append(gguf.TokenType.CONTROL if token in special else
-                     gguf.TokenType.UNUSED if index not in by_id else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
-
-
-def write_gguf(model, tokenizer, path: Path, kind: str, arch: Arch, name: str, pre_tokenizer: str) -> None:
-    import gguf
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), arch.gguf_name)
-    writer.add_name(name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(_rope_theta(config)))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-    _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-    for tensor_name, array in tensor_plan(model, arch):
-        data, raw_dtype = encode_tensor(array, kind)
-        writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
-
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str) -> None:
-    fields = tokenizer_fields(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer)
-    writer.add_token_list(fields["tokens"])
-    writer.add_token_types(fields["types"])
-    writer.add_token_merges(fields["merges"])
-    # llama.cpp and older GGUF readers expect a BOS id; a tokenizer without one gets its EOS there,
-    # never added to prompts (add_bos_token below stays false)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    for token_id, add in ((bos, writer.add_bos_token_id), (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-@torch.no_grad()
-def check_round_trip(model, tokenizer, path: Path, kind: str) -> dict:
-    """Load the file through transformers' GGUF loader; compare tokens and logits on CHECK_PROMPTS."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        reloaded_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # noqa: BLE001 - the loader raises many types; all mean the file is not right
-        raise ExportError(f"the written GGUF does not load back through transformers ({err})") from None
-    errors, agree, total = [], 0, 0
-    for prompt in CHECK_PROMPTS:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        again = reloaded_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if again != ids:
-            raise ExportError(f"the GGUF's tokenizer splits {prompt!r} differently ({again[:8]} vs {ids[:8]})")
-        reference = model(torch.tensor([ids])).logits[0]  # (T, vocab)
-        logits = reloaded(torch.tensor([ids])).logits[0]
-        centred = reference - reference.mean(-1, keepdim=True)
-        errors.append(float((logits - reference).norm() / centred.norm().clamp_min(1e-12)))
-        agree += int((logits.argmax(-1) == reference.argmax(-1)).sum())
-        total += len(ids)
-    result = {"relative_error": max(errors), "top1_agreement": agree / total, "tolerance": TOLERANCE[kind]}
-    if not result["relative_error"] <= TOLERANCE[kind]:
-        raise ExportError(f"the GGUF's logits differ from the model's by {result['relative_error']:.2e} "
-                          f"(relative RMS; {kind} allows {TOLERANCE[kind]:.0e}); the file was not kept")
-    return result
-
-
-def source_model(source: Path):
-    """(model fp32, tokenizer, name, base spec) from an HF directory, a run or a checkpoint folder;
-    the architecture and tokenizer are checked before any adapter is merged."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from tunesmith.model.load import load_model, resolve
+def model_config_dir(source: Path) -> tuple[Path, Path | None, object | None]:
+    """(folder holding the model's config.json, checkpoint folder, run config) — read before loading."""
+    from tunesmith.model.load import resolve
 
     if (source / "config.json").is_file() and not checkpoint.is_adapter(source):
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-        check_exportable(AutoConfig.from_pretrained(str(source)), tokenizer)
-        return load_model(source), tokenizer, source.name, None
+        return source, None, None
     folder = checkpoint.pick(source)
     run_config = config_module.load(folder / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if checkpoint.is_adapter(folder):
-        from tunesmith.merge import merged_model
-
-        check_exportable(AutoConfig.from_pretrained(str(resolve(run_config.model))), tokenizer)
-        model = merged_model(folder, run_config)
-    else:
-        check_exportable(AutoConfig.from_pretrained(str(folder)), tokenizer)
-        model = load_model(folder)
-    name = source.name if source.name not in ("best", "final") else source.parent.name
-    return model, tokenizer, name, run_config.model
+    if not checkpoint.is_adapter(folder):
+        return folder, folder, run_config
+    if run_config.method == "adapter":
+        raise ExportError(f"{folder} holds LLaMA-Adapter prompts, which llama.cpp cannot run; "
+                          "export a lora, qlora, dora or full run")
+    base = resolve(run_config.model)
+    if not Path(str(base)).is_dir():
+        raise ExportError(f"the base model {run_config.model} is not a local directory")
+    return Path(str(base)), folder, run_config
 
 
-def pre_tokenizer_name(tokenizer, base_spec: str | None) -> str:
-    """llama.cpp's name for how text is split before BPE: the base GGUF's own when the base came as
-    one, else the known split pattern this tokenizer uses, else GPT-2's."""
-    from tunesmith.model.load import ALIASES, _alias_file
+def check_architecture(config_dir: Path) -> str:
+    """The HF architecture name, refused in one line when llama.cpp's converter does not know it."""
+    config = json.loads((config_dir / "config.json").read_text())
+    architecture = (config.get("architectures") or ["?"])[0]
+    known = llama_cpp.supported_architectures(llama_cpp.converter_root())
+    if architecture not in known:
+        raise ExportError(f"llama.cpp's converter (llama-cpp-python {llama_cpp.installed_version()}) cannot convert "
+                          f"{architecture} ({config.get('model_type')}) models to GGUF; "
+                          "`tunesmith export --format hf` still writes a merged Hugging Face directory")
+    return architecture
 
-    path = _alias_file(base_spec) if base_spec in ALIASES else Path(base_spec) if base_spec else None
-    if path is not None and path.suffix == ".gguf" and path.is_file():
-        import gguf
 
-        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return bytes(field.parts[field.data[0]]).decode()
+def load_source(source: Path) -> Source:
+    from tunesmith.infer.generate import load_base, load_run
+
+    config_dir, folder, run_config = model_config_dir(source)
+    check_architecture(config_dir)
+    if folder is None:
+        loaded = load_base(str(source), device="cpu", precision="fp32")
+        return Source(loaded, source.name, None, source, None)
+    loaded = load_run(source, device="cpu", precision="fp32")
+    run_dir = source if folder != source else folder.parent
+    name = run_dir.name if folder.name in ("best", "final") or folder == source else folder.name
+    return Source(loaded, name, run_dir, folder, run_config, base_dir(run_config))
+
+
+def base_dir(run_config) -> Path | None:
+    from tunesmith.model.load import resolve
+
+    location = Path(str(resolve(run_config.model)))
+    return location if location.is_dir() else None
+
+
+def held_out_rows(source: Source, count: int) -> list[dict]:
+    """Up to `count` prompts the run never trained on: its test split, else validation, else a few
+    general questions, each as {prompt (as tunesmith renders it), messages}."""
+    for split in ("test", "val"):
+        rows = read_rows(source.run_dir / "data" / split) if source.run_dir else []
+        if rows:
+            return [{"prompt": r["prompt"], "messages": r["messages"]} for r in rows[:count]]
+    template, tokenizer = source.loaded.template, source.loaded.tokenizer
+    return [{"prompt": render(template, tokenizer, template.system_prompt, text),
+             "messages": [{"role": "user", "content": text}]} for text in CHECK_PROMPTS[:count]]
+
+
+def max_answer_tokens(rows: list[dict], source: Source, cap: int) -> int:
+    """Long enough for the run's own answers (the test split's references), never above `cap`."""
+    references = read_rows(source.run_dir / "data" / "test") if source.run_dir else []
+    tokenizer = source.loaded.tokenizer
+    longest = max((len(tokenizer(r["reference"], add_special_tokens=False)["input_ids"]) for r in references),
+                  default=48)
+    return min(cap, longest + 16)
+
+
+def write_hf_dir(source: Source, into: Path) -> None:
+    """The model as the converter reads it: fp32 safetensors and the run's tokenizer and template."""
+    if hasattr(source.loaded.model, "peft_config"):
+        raise ExportError("this model still wraps a PEFT adapter that cannot be merged; nothing was written")
+    source.loaded.model.save_pretrained(str(into), safe_serialization=True)
+    write_tokenizer(source, into)
+
+
+
+def write_tokenizer(source: Source, into: Path) -> None:
+    """The tokenizer carrying the run's template as its chat template (its EOS is the one training
+    appended), so the converter writes both into the file."""
+    tokenizer = source.loaded.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = jinja_template(source.loaded.template, tokenizer)
     try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-    except ImportError:
-        return "gpt-2"
-    spec = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"))
-    for name, pattern in GGUF_PRE_TOKENIZER_SPLITS.items():
-        if json.dumps(pattern)[1:-1] in spec:
-            return name
-    return "gpt-2"
-
-
-def export_gguf(source: Path, out: Path | None = None, kind: str = "q8_0") -> tuple[Path, dict]:
-    model, tokenizer, name, base_spec = source_model(source)
-    arch = check_exportable(model.config, tokenizer)
-    model.float().eval()
-    out = out or (source / f"{name}.{kind}.gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.gguf")
-    say(f"Writing {out} ({kind}) and checking it loads back with the same logits")
-    try:
-        write_gguf(model, tokenizer, tmp, kind, arch, name, pre_tokenizer_name(tokenizer, base_spec))
-        result = check_round_trip(model, tokenizer, tmp, kind)
-        os.replace(tmp, out)
+        tokenizer.save_pretrained(str(into))
     finally:
-        tmp.unlink(missing_ok=True)
-    return out, result
+        tokenizer.chat_template = original
+    keep_base_tokenizer_files(source.base_dir or source.folder, into)
+
+
+def keep_base_tokenizer_files(base: Path, into: Path) -> None:
+    """What transformers 5 does not write back but llama.cpp's converter reads: the SentencePiece
+    model a tokenizer came from, and the tokenizer class name the base declared (it picks the
+    vocabulary reader by it, e.g. Phi-4's GPT2Tokenizer)."""
+    if (base / "tokenizer.model").is_file() and not (into / "tokenizer.model").exists():
+        shutil.copyfile(base / "tokenizer.model", into / "tokenizer.model")
+    try:
+        declared = json.loads((base / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return
+    written = into / "tokenizer_config.json"
+    settings = json.loads(written.read_text())
+    if declared and settings.get("tokenizer_class") != declared:
+        written.write_text(json.dumps({**settings, "tokenizer_class": declared}, indent=2))
+
+
+def convert(hf_dir: Path, target: Path, kind: str, source: Source) -> None:
+    from tunesmith.model.gguf_pre import pre_tokenizer_name
+
+    pre = pre_tokenizer_name(source.loaded.tokenizer, source.run_config.model if source.run_config else None)
+    outtype = kind if kind in llama_cpp.CONVERTER_TYPES else "f16"
+    plain = target if outtype == kind else target.with_name("f16-" + target.name)
+    llama_cpp.run_converter("convert_hf_to_gguf.py", [str(hf_dir), "--outfile", str(plain), "--outtype", outtype],
+                            pre, source.name)
+    if plain != target:
+        llama_cpp.quantize(plain, target, kind)
+        plain.unlink()
+
+
+def stop_strings(source: Source) -> list[str]:
+    from tunesmith.infer.generate import stop_token_ids
+
+    tokenizer = source.loaded.tokenizer
+    return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(source.loaded)]
+
+
+def check(gguf: Path, source: Source, kind: str, samples: int, minimum: float, lora: Path | None = None) -> dict:
+    rows = held_out_rows(source, samples)
+    max_new = max_answer_tokens(rows, source, cap=128)
+    say(f"Checking {gguf.name} in llama.cpp: {len(rows)} held-out prompts, greedy, up to {max_new} tokens, "
+        "next to tunesmith's answers")
+    started = time.monotonic()
+    result = compare(gguf, source.loaded, rows, max_new, lora)
+    problem = verdict(result, minimum, kind)
+    report = {**result.as_dict(), "max_new_tokens": max_new, "minimum_agreement": minimum,
+              "seconds": round(time.monotonic() - started, 1)}
+    if problem:
+        raise CheckError(f"{problem}; the file was not kept (examples: {json.dumps(result.examples[:1])})")
+    return report
+
+
+def finish(tmp: Path, out_dir: Path, files: dict[str, str], report: dict, source: Source) -> None:
+    """Write the Modelfile and export.json, then move every file into place: the model files first,
+    export.json (the record that the check passed) last."""
+    stops = stop_strings(source)
+    text = modelfile(files["model"], source.loaded.template, source.loaded.tokenizer, stops, files.get("adapter"))
+    (tmp / "Modelfile").write_text(text)
+    (tmp / "export.json").write_text(json.dumps(report, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*files.values(), "Modelfile", "export.json"]:
+        os.replace(tmp / name, out_dir / name)
+
+
+def output_place(out: Path | None, source: Source, default_folder: str, default_file: str) -> tuple[Path, str]:
+    """(folder, model file name): --out is a folder, or a path ending in .gguf for the file itself."""
+    if out is not None and out.suffix == ".gguf":
+        return out.parent, out.name
+    return out or (source.run_dir or source.folder) / default_folder, default_file
+
+
+def export_gguf(source_path: Path, out_dir: Path | None, kind: str, samples: int, minimum: float) -> tuple[Path, dict]:
+    source = load_source(source_path)
+    out_dir, file_name = output_place(out_dir, source, f"export-{kind}", f"{source.name}.{kind}.gguf")
+    tmp = work_folder(out_dir)
+    try:
+        say(f"Converting {source.name} to {kind} with llama.cpp's converter")
+        write_hf_dir(source, tmp / "hf")
+        convert(tmp / "hf", tmp / file_name, kind, source)
+        shutil.rmtree(tmp / "hf")
+        report = {"format": "gguf", "type": kind, "file": file_name, "source": str(source.folder), "name": source.name,
+                  "template": source.loaded.template.describe, "llama_cpp": llama_cpp.installed_version(),
+                  "check": check(tmp / file_name, source, kind, samples, minimum)}
+        finish(tmp, out_dir, {"model": file_name}, report, source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / file_name, report
+
+
+def work_folder(out_dir: Path) -> Path:
+    """A temporary folder beside the output (same file system, so the final moves are renames)."""
+    tmp = out_dir.parent / f".{out_dir.name}.export-tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tunesmith export",
-                                     description="Write the fine-tuned model as a GGUF file (llama.cpp, Ollama).")
-    parser.add_argument("run", help="run directory, checkpoint folder, or a merged HF model directory")
-    parser.add_argument("--format", choices=["gguf", "hf"], default="gguf",
-                        help="gguf: one file for llama.cpp; hf: a merged Hugging Face directory (as merge)")
-    parser.add_argument("--type", choices=sorted(TOLERANCE), default="q8_0", help="gguf weight type")
-    parser.add_argument("--out", help="output file (gguf) or directory (hf)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     source = Path(args.run)
     if not source.exists():
         raise ExportError(f"{source} not found")
+    out = Path(args.out) if args.out else None
     if args.format == "hf":
         from tunesmith.merge import merge_run
 
-        print(f"Merged model written to {merge_run(source, Path(args.out) if args.out else None)}")
+        print(f"Merged model written to {merge_run(source, out)}")
         return 0
-    path, result = export_gguf(source, Path(args.out) if args.out else None, args.type)
-    size_mb = path.stat().st_size / 2**20
-    print(f"Wrote {path} ({size_mb:.1f} MB, {args.type}); reloaded through transformers: logits within "
-          f"{result['relative_error']:.1e} relative RMS, top-1 token agrees at {100 * result['top1_agreement']:.0f}%")
+    minimum = MIN_AGREEMENT[args.type] if args.min_agreement is None else args.min_agreement
+    if args.format == "gguf-lora":
+        from tunesmith.export_lora import export_gguf_lora
+
+        path, report = export_gguf_lora(source, out, args.type, args.samples, minimum)
+    else:
+        path, report = export_gguf(source, out, args.type, args.samples, minimum)
+    print_summary(path, report)
     return 0
+
+
+def print_summary(path: Path, report: dict) -> None:
+    found = report["check"]
+    size_mb = sum(p.stat().st_size for p in path.parent.glob("*.gguf")) / 2**20
+    print(f"Wrote {path} ({size_mb:.1f} MB, {report['type']}, template {report['template']})")
+    print(f"llama.cpp (llama-cpp-python {report['llama_cpp']}) on {found['prompts']} held-out prompts: "
+          f"{found['same_answers']}/{found['prompts']} identical greedy answers ({100 * found['agreement']:.0f}%), "
+          f"prompt template {'as trained' if not found['template_differs'] else 'DIFFERS on ' + str(found['template_differs'])}, "
+          f"token ids {'equal' if not found['tokens_differ'] else 'differ'}, {found['runaways']} answers past the stop")
+    folder = path.parent
+    print(f"Ollama:    cd {folder} && ollama create {report.get('name', folder.parent.name)} -f Modelfile "
+          f"&& ollama run {report.get('name', folder.parent.name)}")
+    if "base_file" in report:
+        print(f"llama.cpp: llama-server -m {folder / report['base_file']} --lora {path} --jinja")
+    else:
+        print(f"llama.cpp: llama-server -m {path} --jinja   (or llama-cli -m {path} -cnv)")
+
+
+def parser() -> argparse.ArgumentParser:
+    made = argparse.ArgumentParser(prog="tunesmith export",
+                                   description="Ship the fine-tuned model: GGUF for llama.cpp / Ollama / LM Studio "
+                                               "(checked in llama.cpp), or a merged Hugging Face directory.")
+    made.add_argument("run", help="run directory, checkpoint folder, or a merged HF model directory")
+    made.add_argument("--format", choices=["gguf", "gguf-lora", "hf"], default="gguf",
+                      help="gguf: the whole model in one file; gguf-lora: the adapter + its base; hf: merged HF dir")
+    made.add_argument("--type", choices=TYPES, default="q8_0",
+                      help="weight type: f32, f16, bf16, q8_0 (converter) or q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer)")
+    made.add_argument("--out", help="output folder (default: RUN/export-TYPE), or the .gguf file's path; "
+                                    "for hf, the directory")
+    made.add_argument("--samples", type=int, default=20, help="held-out prompts answered in llama.cpp to check the file")
+    made.add_argument("--min-agreement", type=float, default=None,
+                      help="share of identical greedy answers a file must reach (default per type: "
+                           + ", ".join(f"{k} {v:.0%}" for k, v in MIN_AGREEMENT.items()) + ")")
+    return made
