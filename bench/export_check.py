@@ -68,6 +68,13 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
 def write_section(lines: list[str], command: str) -> None:
     import llama_cpp
 
@@ -77,7 +84,7 @@ def write_section(lines: list[str], command: str) -> None:
             f"`{command}` on {time.strftime('%Y-%m-%d')}: the demo's LoRA run (SmolLM2-135M-Instruct, dates "
             "task), each file made by llama.cpp's converter / quantizer and checked by `tunesmith export` in "
             f"llama.cpp's library (llama-cpp-python {llama_cpp.__version__}) on the run's held-out prompts, "
-            f"greedy, next to tunesmith's fp32 answers. {platform.machine()}, {platform.processor() or 'CPU'}.", ""]
+            f"greedy, next to tunesmith's fp32 answers. {platform.machine()}, {cpu_name()}.", ""]
     section = "\n".join(head + lines) + "\n"
     start = text.find("## Export: ")
     if start >= 0:
