@@ -197,3 +197,10 @@ def test_readme_lists_every_config_key_as_the_code_declares_it():
     spec.loader.exec_module(readme_keys)
     _, table, _ = readme_keys.split(readme_keys.README.read_text())
     assert table == readme_keys.table()
+
+
+@pytest.mark.parametrize("verb", ["export", "merge", "generate", "chat", "serve"])
+def test_argument_verbs_print_their_help(cli, verb):
+    with pytest.raises(SystemExit) as stopped:
+        cli(verb, "--help")
+    assert stopped.value.code == 0

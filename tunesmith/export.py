@@ -116,6 +116,7 @@ def held_out_rows(source: Source, count: int) -> list[dict]:
     general questions, each as {prompt (as tunesmith renders it), messages}."""
     for split in ("test", "val"):
         rows = read_rows(source.run_dir / "data" / split) if source.run_dir else []
+        rows = [r for r in rows if r.get("prompt") and r.get("messages")]  # text (pre-training) runs have none
         if rows:
             return [{"prompt": r["prompt"], "messages": r["messages"]} for r in rows[:count]]
     template, tokenizer = source.loaded.template, source.loaded.tokenizer
@@ -123,12 +124,12 @@ def held_out_rows(source: Source, count: int) -> list[dict]:
              "messages": [{"role": "user", "content": text}]} for text in CHECK_PROMPTS[:count]]
 
 
-def max_answer_tokens(rows: list[dict], source: Source, cap: int) -> int:
+def max_answer_tokens(source: Source, cap: int) -> int:
     """Long enough for the run's own answers (the test split's references), never above `cap`."""
-    references = read_rows(source.run_dir / "data" / "test") if source.run_dir else []
+    rows = read_rows(source.run_dir / "data" / "test") if source.run_dir else []
     tokenizer = source.loaded.tokenizer
-    longest = max((len(tokenizer(r["reference"], add_special_tokens=False)["input_ids"]) for r in references),
-                  default=48)
+    longest = max((len(tokenizer(r["reference"], add_special_tokens=False)["input_ids"]) for r in rows
+                   if r.get("reference")), default=48)
     return min(cap, longest + 16)
 
 
@@ -192,7 +193,7 @@ def stop_strings(source: Source) -> list[str]:
 
 def check(gguf: Path, source: Source, kind: str, samples: int, minimum: float, lora: Path | None = None) -> dict:
     rows = held_out_rows(source, samples)
-    max_new = max_answer_tokens(rows, source, cap=128)
+    max_new = max_answer_tokens(source, cap=128)
     say(f"Checking {gguf.name} in llama.cpp: {len(rows)} held-out prompts, greedy, up to {max_new} tokens, "
         "next to tunesmith's answers")
     started = time.monotonic()
@@ -303,5 +304,5 @@ def parser() -> argparse.ArgumentParser:
     made.add_argument("--samples", type=int, default=20, help="held-out prompts answered in llama.cpp to check the file")
     made.add_argument("--min-agreement", type=float, default=None,
                       help="share of identical greedy answers a file must reach (default per type: "
-                           + ", ".join(f"{k} {v:.0%}" for k, v in MIN_AGREEMENT.items()) + ")")
+                           + ", ".join(f"{k} {v:.0%}%" for k, v in MIN_AGREEMENT.items()) + ")")
     return made
