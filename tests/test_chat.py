@@ -17,7 +17,9 @@ from tunesmith.infer.chat import Conversation
 from tunesmith.infer.generate import load_base
 from tunesmith.model.load import load_tokenizer
 
-GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1"]
+# fp32 like the references: on a CPU with bf16 maths, precision auto would pick bf16, whose rounding
+# can flip a tiny random model's greedy choice
+GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1", "--precision", "fp32"]
 
 
 def reference_answer(model_dir, messages: list[dict], max_new_tokens: int) -> str:

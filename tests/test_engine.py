@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tunesmith.infer.engine import Request, Sampling, _safe_end, _top_p, decode
+from tunesmith.infer.engine import Request, Sampling, _safe_end, decode
 from tunesmith.infer.generate import load_base, stop_token_ids
 
 PROMPTS = ["hello world", "What is the capital of France? The capital", "the quick brown fox jumps over the lazy dog"]
@@ -61,17 +63,6 @@ def test_sampling_top_k_one_is_greedy_and_seeds_repeat(tiny_models):
     assert first.completion_ids != other.completion_ids  # a random model at temperature 1.5 varies
 
 
-def test_top_p_keeps_what_transformers_keeps():
-    from transformers.generation.logits_process import TopPLogitsWarper
-
-    generator = torch.Generator().manual_seed(0)
-    for top_p in (0.1, 0.5, 0.9, 0.99):
-        logits = torch.randn(400, generator=generator) * 3
-        ours = torch.isfinite(_top_p(logits, top_p))
-        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits[None].clone())[0])
-        assert torch.equal(ours, theirs), top_p
-
-
 def test_stop_strings_cut_the_answer_and_never_stream(tiny_models):
     loaded = _loaded(tiny_models, "qwen2")
     ids = _ids(loaded, PROMPTS[0])
@@ -114,3 +105,159 @@ def test_sampling_settings_are_checked():
     assert Sampling().problems() == []
     problems = Sampling(max_new_tokens=0, temperature=3, top_p=0, top_k=-1, repetition_penalty=0, stop=("",)).problems()
     assert len(problems) == 6 and problems[0].startswith("max_new_tokens=0")
+
+
+def _engine_run(engine, loaded, schedule: dict[int, list[Request]], steps_limit: int = 500) -> list[list[int]]:
+    """Step the engine, admitting schedule[step] before that step; the running rows' token counts per step."""
+    from tunesmith.infer.engine import Engine  # noqa: F401 — the engine under test
+
+    trace, step = [], 0
+    while (any(s >= step for s in schedule) or engine.busy) and step < steps_limit:
+        for request in schedule.get(step, []):
+            engine.admit(request, loaded.tokenizer, stop_token_ids(loaded))
+        engine.step()
+        trace.append([len(r.completion_ids) for rs in schedule.values() for r in rs])
+        step += 1
+    return trace
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_requests_join_the_running_batch_and_keep_their_greedy_answers(tiny_models, family):
+    """Requests admitted while others decode start at the next step (not when the batch ends), long
+    prompts are prefilled in chunks, finished rows leave; every answer is still generate's."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, family)
+    long_prompt = " ".join(PROMPTS * 2)
+    first = Request(_ids(loaded, PROMPTS[0]), Sampling(max_new_tokens=20))
+    joiner = Request(_ids(loaded, PROMPTS[1]), Sampling(max_new_tokens=6))
+    chunked = Request(_ids(loaded, long_prompt), Sampling(max_new_tokens=8))
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id, prefill_tokens=8)
+    trace = _engine_run(engine, loaded, {0: [first], 3: [joiner], 5: [chunked]})
+    # the joiner answered its first token once its prompt was read (8 tokens a step), from step 3 on,
+    # while the first request was still decoding
+    joined = 3 + math.ceil(len(joiner.prompt_ids) / 8) - 1
+    assert trace[joined][1] >= 1 and trace[joined - 1][1] == 0 and trace[joined][0] < len(first.completion_ids)
+    # the long prompt took several steps to read; the first request got a token at every one of them
+    chunk_steps = len(chunked.prompt_ids) // 8
+    assert chunk_steps >= 3 and joined < 5
+    assert [row[0] for row in trace[5:5 + chunk_steps]] == list(range(trace[4][0] + 1, trace[4][0] + 1 + chunk_steps))
+    for request in (first, joiner, chunked):
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, request.sampling.max_new_tokens)
+    assert engine.running is None and engine.size == 0
+
+
+def test_a_finished_row_leaves_the_cache_at_once(tiny_models):
+    from tunesmith.infer.engine import Engine, _layers
+
+    loaded = _loaded(tiny_models, "qwen2")
+    short = Request(_ids(loaded, PROMPTS[2]), Sampling(max_new_tokens=2))
+    long = Request(_ids(loaded, PROMPTS[0]), Sampling(max_new_tokens=12))
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    _engine_run(engine, loaded, {0: [short, long]}, steps_limit=2)
+    assert short.finish_reason == "length" and long.finish_reason is None
+    keys, _ = _layers(engine.running.cache)[0]
+    assert engine.running.rows[0].request is long and keys.shape[0] == 1  # one row left in the cache
+    # the columns only the long prompt of the finished row needed are gone too
+    assert len(short.prompt_ids) > len(long.prompt_ids)
+    fed = len(long.prompt_ids) + len(long.completion_ids) - 1  # the newest token is fed at the next step
+    assert keys.shape[2] == engine.running.width == fed
+
+
+def test_text_is_decoded_incrementally_not_again_per_token(tiny_models, monkeypatch):
+    loaded = _loaded(tiny_models, "qwen2")
+    calls = []
+    decode_whole = loaded.tokenizer.decode
+    monkeypatch.setattr(loaded.tokenizer, "decode", lambda *a, **k: calls.append(1) or decode_whole(*a, **k))
+    pieces: list[str] = []
+    [request] = _run(loaded, [Request(_ids(loaded, PROMPTS[2]), Sampling(max_new_tokens=24), on_text=pieces.append)])
+    assert len(request.completion_ids) == 24 and "".join(pieces) == request.text
+    assert len(calls) <= 1  # once, at the end, for the exact final text
+
+
+def test_a_failing_decode_step_is_retried_without_the_offending_row(tiny_models, monkeypatch):
+    """The model raises whenever a decode step reaches position 48: only the long-prompt request
+    gets there. It fails alone; the rows sharing its batch get exactly their greedy answers."""
+    import functools
+
+    loaded = _loaded(tiny_models, "qwen2")
+    forward = loaded.model.forward
+
+    @functools.wraps(forward)
+    def poisoned(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) >= 48:
+            raise RuntimeError("poisoned step")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", poisoned)
+    poison_ids = _ids(loaded, " ".join(PROMPTS))
+    assert len(poison_ids) < 48
+    good = [Request(_ids(loaded, p), Sampling(max_new_tokens=8)) for p in PROMPTS]
+    bad_seed = Request(_ids(loaded, PROMPTS[0]), Sampling(max_new_tokens=8, temperature=1.0, seed=2**70))
+    poison = Request(poison_ids, Sampling(max_new_tokens=20))
+    with pytest.raises(ValueError, match="Overflow"):  # the first failure (the seed), once all are done
+        _run(loaded, [good[0], bad_seed, good[1], poison, good[2]])
+    assert poison.finish_reason == "error" and "poisoned step" in str(poison.error)
+    assert bad_seed.finish_reason == "error"
+    assert 48 - len(poison_ids) <= len(poison.completion_ids) <= 48 - len(poison_ids) + 1
+    monkeypatch.setattr(loaded.model, "forward", forward)
+    for request in good:
+        assert request.error is None
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 8)
+
+
+def test_nucleus_keeps_what_transformers_top_k_and_top_p_keep():
+    """Sampling looks for the top-p nucleus among the most likely tokens first; what it keeps is
+    exactly what transformers' TopK and TopP warpers keep, and a nucleus wider than the candidates
+    falls back to those warpers over the whole vocabulary."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from tunesmith.infer.engine import _nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(0, 0.1), (0, 0.5), (0, 0.9), (50, 0.9), (5, 0.99), (3000, 0.5)]:
+        logits = torch.randn(3, 4000, generator=generator) * 4
+        expected = TopKLogitsWarper(top_k)(None, logits.clone()) if top_k else logits.clone()
+        expected = TopPLogitsWarper(top_p)(None, expected)
+        found = _nucleus(logits, top_k, top_p)
+        if top_k > 256:
+            assert found is None
+            continue
+        ids, weights = found
+        for row in range(3):
+            assert set(ids[row][weights[row] > 0].tolist()) == set(torch.isfinite(expected[row]).nonzero().flatten().tolist())
+    assert _nucleus(torch.zeros(2, 4000), 0, 0.9) is None  # a flat distribution: 3600 tokens in the nucleus
+
+
+def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_models, monkeypatch):
+    """A chat template's system block is read once: prompts starting with it are prefilled from
+    where they differ, and still get generate's greedy answers."""
+    import functools
+
+    from tunesmith.infer.engine import MIN_SHARED_PREFIX, Engine, _common_prefix
+
+    loaded = _loaded(tiny_models, "qwen2")
+    system = "Below is an instruction that describes a task. Write a response. "
+    prompts = [system + question for question in ("hello world", "the quick brown fox", "red green blue")]
+    requests = [Request(_ids(loaded, p), Sampling(max_new_tokens=6)) for p in prompts]
+    shared = len(_common_prefix([r.prompt_ids for r in requests]))  # the system text, but its last space
+    assert shared >= MIN_SHARED_PREFIX
+    read: list[int] = []  # prompt columns each prefill forward pass reads
+    forward = loaded.model.forward
+
+    @functools.wraps(forward)
+    def counting(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            read.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    _engine_run(engine, loaded, {0: requests[:2], 4: requests[2:]})
+    monkeypatch.setattr(loaded.model, "forward", forward)
+    # the first two arrive together: their common beginning is read once, then each one's rest;
+    # the third, later, is read from where it differs
+    assert read == [shared, max(len(r.prompt_ids) for r in requests[:2]) - shared,
+                    len(requests[2].prompt_ids) - shared]
+    for request in requests:
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)

@@ -70,7 +70,7 @@ def server(runs):
     model_dir, sums, colors = runs
     process, url = start_server("--model", model_dir, "--adapter", f"sums={sums}", "--adapter", colors,
                                 "--api-key", KEY, "--max-prompt-tokens", MAX_PROMPT_TOKENS, "--max-tokens", 64,
-                                "--max-batch-size", 4)
+                                "--max-batch-size", 4, "--precision", "fp32")  # the references are fp32
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -327,3 +327,213 @@ def test_dora_adapters_switch_per_batch(runs, reference, tmp_path):
     answers = [job.request.text for job in jobs]
     assert answers == [reference.complete("hello", 6, adapters[name])[0] for name in names]
     assert len(set(answers)) == 3
+
+
+# ---- isolation: bad and poisoned requests among good ones ----------------------------------------
+
+POISON_POSITION = 48  # the in-process server's model raises on a decode step that reaches this position
+
+
+def poison_decode_steps(model, position: int) -> None:
+    """Make `model` raise on any decode step (one new token per row) that reaches `position`:
+    a stand-in for a request that crashes the forward pass its batch shares."""
+    import functools
+
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def poisoned(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) >= position:
+            raise RuntimeError("poisoned decode step")
+        return forward(*args, **kwargs)
+
+    model.forward = poisoned
+
+
+def serve_in_thread(state):
+    """The app of `state` on a free loopback port in this process; returns the base URL and a stopper."""
+    import uvicorn
+
+    from tunesmith.infer.serve import build_app
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="error"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+
+    def stop():
+        server.should_exit = True
+        state.scheduler.stop()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_models):
+    """A base model whose decode steps fail at POISON_POSITION, its name, and fp32 references."""
+    from tunesmith.infer.registry import load_models
+
+    model_dir = tiny_models("qwen2")
+    models = load_models(str(model_dir), [], device="cpu", precision="fp32")
+    poison_decode_steps(models[model_dir.name].loaded.model, POISON_POSITION)
+    return models, model_dir.name, Reference(model_dir)
+
+
+def poisoned_server(poisoned, start: bool = True, max_batch_size: int = 16):
+    from tunesmith.infer.scheduler import Scheduler
+    from tunesmith.infer.serve import Limits, ServerState
+
+    scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=128, prefill_tokens=64)
+    state = ServerState(poisoned[0], scheduler, Limits(64, 32, 8, max_body_bytes=20_000), None, 0)
+    if start:
+        scheduler.start()
+    url, stop = serve_in_thread(state)
+    return url, scheduler, stop
+
+
+GOOD_PROMPTS = ["hello", "the quick brown fox", "What is 3 plus one?", "red green blue"]
+POISON_PROMPT = "the quick brown fox jumps over the lazy dog " * 2  # 41 tokens
+
+
+def post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        connection.request("POST", f"{where.path}{path}", body, {"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def test_a_poisoned_request_fails_alone_inside_a_batch_of_good_ones(poisoned):
+    """Six good requests, one whose decode step raises and one with an impossible seed: the seed is
+    refused at the edge (400), the poisoned one fails alone (500) although it shares the batch, and
+    every good one gets exactly its greedy answer."""
+    _, name, reference = poisoned
+    assert len(reference.tokenizer(POISON_PROMPT)["input_ids"]) < POISON_POSITION
+    url, scheduler, stop = poisoned_server(poisoned, start=False)
+    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60)
+    good = [p for p in GOOD_PROMPTS for _ in range(2)][:6]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(client.completions.create, model=name, prompt=p, max_tokens=12, temperature=0)
+                       for p in good[:3]]
+            bad = pool.submit(client.completions.create, model=name, prompt=POISON_PROMPT, max_tokens=12, temperature=0)
+            answers += [pool.submit(client.completions.create, model=name, prompt=p, max_tokens=12, temperature=0)
+                        for p in good[3:]]
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.completions.create(model=name, prompt="hello", max_tokens=4, seed=2**70)
+            deadline = time.monotonic() + 30
+            while scheduler.waiting < 7 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            scheduler.start()  # all seven were queued: they are decoded as one batch
+            texts = [a.result(timeout=60).choices[0].text for a in answers]
+            with pytest.raises(openai.InternalServerError) as failed:
+                bad.result(timeout=60)
+    finally:
+        stop()
+    assert refused.value.param == "seed" and "2**63-1" in refused.value.message
+    assert "poisoned decode step" in failed.value.message
+    assert scheduler.largest_batch == 7
+    assert texts == [reference.complete(p, 12)[0] for p in good]
+
+
+def test_64_concurrent_clients_good_and_bad_requests_all_good_ones_succeed(poisoned):
+    """64 clients at once; half send good requests (chat, completion, streamed), half bad ones
+    (seed out of range, n=0, too many stop strings, a too-large body, temperature 9, a poisoned
+    decode step). Each bad one gets its own 4xx/500; no good one fails."""
+    import json
+
+    _, name, reference = poisoned
+    url, scheduler, stop = poisoned_server(poisoned, max_batch_size=16)
+    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=120)
+    bad_bodies = [({"seed": 2**70}, 400), ({"n": 0}, 400), ({"stop": ["a", "b", "c", "d", "e"]}, 400),
+                  ({"prompt": "x" * 30_000}, 413), ({"temperature": 9}, 400), ({"prompt": POISON_PROMPT, "max_tokens": 12}, 500)]
+
+    def good(index: int):
+        prompt = GOOD_PROMPTS[index % len(GOOD_PROMPTS)]
+        if index % 3 == 0:
+            answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=6, temperature=0).choices[0].message.content
+            return answer == reference.chat([{"role": "user", "content": prompt}], 6)[0]
+        if index % 3 == 1:
+            answer = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+        else:
+            answer = "".join(c.choices[0].text for c in client.completions.create(
+                model=name, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+        return answer == reference.complete(prompt, 6)[0]
+
+    def bad(index: int):
+        fields, status = bad_bodies[index % len(bad_bodies)]
+        body = {"model": name, "prompt": "hello", "max_tokens": 6, "temperature": 0, **fields}
+        got, answer = post(url, "/completions", json.dumps(body).encode())
+        return got == status and "message" in answer["error"]
+
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            outcomes = list(pool.map(lambda i: (i % 2 == 0, good(i // 2) if i % 2 == 0 else bad(i // 2)), range(64)))
+    finally:
+        stop()
+    assert [ok for is_good, ok in outcomes if is_good] == [True] * 32
+    assert [ok for is_good, ok in outcomes if not is_good] == [True] * 32
+    assert scheduler.largest_batch > 1
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(poisoned):
+    """413 by the declared length, and for a chunked upload (no length) as soon as the cap is passed."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url, _, stop = poisoned_server(poisoned)
+    where = urlparse(url)
+    try:
+        status, answer = post(url, "/chat/completions", b"{" + b" " * 50_000 + b"}")
+        assert status == 413 and "20000 bytes" in answer["error"]["message"]
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        connection.request("POST", f"{where.path}/completions", (b" " * 4096 for _ in range(20)),
+                           {"Content-Type": "application/json"}, encode_chunked=True)
+        assert connection.getresponse().status == 413
+        connection.close()
+    finally:
+        stop()
+
+
+# ---- --engine vllm ----------------------------------------------------------------------------
+
+def test_vllm_engine_command_serves_the_same_names_template_and_key(runs):
+    """The vLLM command line: the base under the built-in server's name, each run as a LoRA module
+    under its served name, the runs' chat template, the API key in the environment, not argv."""
+    from tunesmith.infer import serve, vllm_server
+    from tunesmith.model.load import load_tokenizer
+
+    model_dir, sums, colors = runs
+    args = serve.parser().parse_args(["--engine", "vllm", "--model", str(model_dir), "--adapter", f"sums={sums}",
+                                      "--adapter", str(colors), "--api-key", KEY, "--port", "9000",
+                                      "--tensor-parallel-size", "2"])
+    launch = vllm_server.plan(args, ["--gpu-memory-utilization", "0.8"])
+    command = launch.command
+    after = lambda flag: command[command.index(flag) + 1]
+    assert command[:3] == ["vllm", "serve", str(model_dir)]
+    assert after("--served-model-name") == model_dir.name
+    lora_modules = command[command.index("--lora-modules") + 1: command.index("--lora-modules") + 3]
+    assert lora_modules == [f"sums={sums / 'best'}", f"colors={colors / 'best'}"]
+    assert "--enable-lora" in command and (after("--max-loras"), after("--max-lora-rank")) == ("2", "16")
+    assert (after("--host"), after("--port"), after("--tensor-parallel-size")) == ("127.0.0.1", "9000", "2")
+    assert after("--chat-template") == str(launch.template_path)
+    assert launch.chat_template == load_tokenizer(sums / "best", quiet=True).chat_template
+    assert KEY not in " ".join(command) and launch.env == {"VLLM_API_KEY": KEY}
+    assert command[-2:] == ["--gpu-memory-utilization", "0.8"]
+
+
+def test_vllm_engine_without_vllm_is_a_one_line_error(runs, cli):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    result = cli("serve", "--engine", "vllm", "--model", runs[0])
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0 and "needs vLLM" in result.err

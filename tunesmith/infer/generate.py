@@ -14,9 +14,13 @@ from tunesmith.data.formats import Example
 from tunesmith.data.templates import Encoder, Template, choose, prompt_text
 from tunesmith.device import pick_device, pick_dtype
 from tunesmith.errors import TunesmithError
+from tunesmith.infer.engine import Request, Sampling, decode
 from tunesmith.log import say
 from tunesmith.model.load import load_model, load_tokenizer, resolve
 from tunesmith.train import checkpoint
+
+# Prompt tokens read per step when nobody waits for a first token: a whole batch of prompts at once
+OFFLINE_PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -78,45 +82,33 @@ def stop_token_ids(loaded: Loaded) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
 def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
              temperature: float = 0.0, top_p: float = 1.0, progress=None) -> list[str]:
-    """Answers to already-templated prompts, batched by length (left padding), in input order."""
+    """Answers to already-templated prompts, in input order (greedy when temperature is 0)."""
     return generate_with_limits(loaded, prompts, max_new_tokens, batch_size, temperature, top_p, progress)[0]
 
 
-@torch.no_grad()
 def generate_with_limits(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                          temperature: float = 0.0, top_p: float = 1.0, progress=None
                          ) -> tuple[list[str], list[bool]]:
-    """The answers, and for each whether it ran into max_new_tokens without a stop token (cut off)."""
-    encoder, tokenizer = loaded.encoder, loaded.tokenizer
-    encoded = [encoder.encode_prompt(p) for p in prompts]
+    """The answers, and for each whether it ran into max_new_tokens without a stop token (cut off).
+    Prompts go through the continuous-batching engine shortest first (little padding), at most
+    `batch_size` at a time, the next one joining as soon as an answer ends."""
+    encoded = [loaded.encoder.encode_prompt(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    problems = sampling.problems()
+    if problems:
+        raise TunesmithError("; ".join(problems))
+    requests = [Request(encoded[i], sampling) for i in order]
+    decode(loaded.model, loaded.tokenizer, requests, stop_token_ids(loaded), loaded.tokenizer.pad_token_id,
+           batch_size=batch_size, on_finished=(lambda _: progress(1)) if progress is not None else None,
+           prefill_tokens=OFFLINE_PREFILL_TOKENS)
     answers: list[str] = [""] * len(prompts)
     hit_limit = [False] * len(prompts)
-    stops = set(stop_token_ids(loaded))
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            ids = encoded[index]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        output = loaded.model.generate(input_ids=input_ids.to(loaded.device),
-                                       attention_mask=attention.to(loaded.device),
-                                       max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(loaded),
-                                       pad_token_id=pad, **sampling)
-        for row, index in enumerate(chunk):
-            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
-            hit_limit[index] = not stops.intersection(output[row, width:].tolist())
-        if progress is not None:
-            progress(len(chunk))
+    for index, request in zip(order, requests):
+        answers[index] = request.text.strip()
+        hit_limit[index] = request.finish_reason == "length"
     return answers, hit_limit
 
 

@@ -95,7 +95,7 @@ def load_models(base_spec: str | None, adapters: list[tuple[str, Path]], templat
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"two adapters are named {duplicates[0]!r}: give them names with NAME=RUN")
-    runs = [(name, folder, _run_config(folder)) for name, folder in adapters]
+    runs = [(name, folder, read_run_config(folder)) for name, folder in adapters]
     if base_spec is None:
         if not runs or runs[0][2] is None:
             raise TunesmithError("give --model BASE, or --adapter RUN (whose base is then served too)")
@@ -126,7 +126,7 @@ def load_models(base_spec: str | None, adapters: list[tuple[str, Path]], templat
     return served
 
 
-def _run_config(folder: Path):
+def read_run_config(folder: Path):
     """The run's config, or None for a plain model directory (a merged model)."""
     if (folder / "config.json").is_file() and not (folder / "config.yaml").is_file():
         return None

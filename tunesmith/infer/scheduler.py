@@ -1,11 +1,15 @@
-"""A bounded queue of generation jobs and the one thread that decodes them in batches.
+"""A bounded queue of generation jobs and the one thread that decodes them, continuously batched.
 
-Requests from any number of clients wait here. The decoding thread takes the oldest waiting job
-and, with it, up to `max_batch_size - 1` more that can share its batch, decodes them together,
-and starts over. Jobs share a batch when they are for the same served model, or for plain LoRA
-adapters of one shared base (and that base itself): PEFT then applies each row's own adapter.
-Oldest first means no model's requests starve another's. The queue has a fixed size: a job that does not fit is refused at
-once (the server answers 429) rather than held in memory without bound.
+Requests from any number of clients wait here. The decoding thread serves one model at a time:
+it starts with the model of the oldest waiting job and, between any two decode steps, lets in
+every waiting job that can share that batch (up to `max_batch_size` rows), so a new request starts
+at the next step instead of waiting for the batch to end. Jobs share a batch when they are for the
+same served model, or for plain LoRA adapters of one shared base (and that base itself): PEFT then
+applies each row's own adapter. When the oldest waiting job needs another model, nobody new joins
+and the batch drains; then that model gets its turn, so no model's requests starve another's.
+
+The queue has a fixed size: a job that does not fit is refused at once (the server answers 429)
+rather than held in memory without bound. A job's own failure reaches only its `on_done`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from tunesmith.infer.engine import Request, decode
+from tunesmith.infer.engine import Engine, Request
 from tunesmith.infer.generate import stop_token_ids
 from tunesmith.infer.registry import Served
+from tunesmith.log import say
 
 
 class QueueFull(Exception):
     """More jobs are waiting than the queue holds."""
+
+
+class ServerStopping(Exception):
+    """The server stopped before the job was finished."""
 
 
 @dataclass
@@ -34,15 +44,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int = 8, max_queue: int = 64):
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
+    def __init__(self, max_batch_size: int = 8, max_queue: int = 64, prefill_tokens: int = 256):
+        self.max_batch_size = max_batch_size  # rows decoded together, at most
+        self.max_queue = max_queue  # jobs waiting to join, at most
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per decode step, at most
         self._waiting: deque[Job] = deque()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="tunesmith-decode", daemon=True)
-        self.batches = 0  # decoded so far, for /health and the log
-        self.largest_batch = 0
+        self._engines: dict[str, Engine] = {}  # per batch key, kept between runs: it remembers shared prompt prefixes
+        self.batches = 0  # runs of one model from an empty engine to an empty engine, for the log
+        self.largest_batch = 0  # most rows decoded together
 
     def start(self) -> Scheduler:
         self._thread.start()
@@ -52,7 +64,8 @@ class Scheduler:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
@@ -71,39 +84,65 @@ class Scheduler:
             self._waiting.extend(jobs)
             self._condition.notify()
 
-    def _take_batch(self) -> list[Job] | None:
+    def _next_model(self) -> Served | None:
+        """The model of the oldest waiting job, once there is one (None: stopping)."""
         with self._condition:
             while not self._waiting and not self._stopping:
                 self._condition.wait()
-            if self._stopping:
-                return None
-            key = self._waiting[0].served.batch_key
-            batch = [job for job in self._waiting if job.served.batch_key == key][: self.max_batch_size]
-            for job in batch:
+            return None if self._stopping else self._waiting[0].served
+
+    def _admit(self, key: str, room: int) -> list[Job]:
+        """Waiting jobs that may join a batch of `key`, oldest first; none while an older job needs
+        another model (the batch drains for it)."""
+        with self._condition:
+            if self._stopping or not self._waiting or self._waiting[0].served.batch_key != key:
+                return []
+            taken = [job for job in self._waiting if job.served.batch_key == key][:max(room, 0)]
+            for job in taken:
                 self._waiting.remove(job)
-            return batch
+            return taken
 
     def _loop(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            live = [job for job in batch if not job.request.cancelled]
-            error = None
-            if live:
-                try:
-                    self._decode(live)
-                except Exception as err:  # noqa: BLE001 — a failed batch answers its clients with 500; the server lives on
-                    error = err
-            for job in batch:
-                job.on_done(error)
+        while (served := self._next_model()) is not None:
+            jobs: dict[int, Job] = {}
+            try:
+                self._serve(served, jobs)
+            except Exception as err:  # noqa: BLE001 — an engine bug fails this batch's jobs; the server lives on
+                say(f"Decoding failed: {type(err).__name__}: {err}")
+                self._engines.pop(served.batch_key, None)  # start the next run from a fresh engine
+                for job in jobs.values():
+                    _notify(job, err)
+            self.batches += 1
 
-    def _decode(self, jobs: list[Job]) -> None:
-        served = jobs[0].served
-        loaded = served.loaded
-        requests = [job.request for job in jobs]
-        if served.mixed_batches:  # one batch, each row with its own adapter
-            decode(loaded.model, loaded.tokenizer, requests, stop_token_ids(loaded), loaded.tokenizer.pad_token_id,
-                   [job.served.peft_name for job in jobs])
-        else:
-            with served.activate():
-                decode(loaded.model, loaded.tokenizer, requests, stop_token_ids(loaded), loaded.tokenizer.pad_token_id)
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(jobs))
+    def _serve(self, first: Served, jobs: dict[int, Job]) -> None:
+        """Decode `first`'s model until its engine is empty; matching jobs join between steps."""
+        mixed = first.mixed_batches
+        engine = self._engines.get(first.batch_key)
+        if engine is None:
+            engine = Engine(first.loaded.model, first.loaded.tokenizer.pad_token_id, self.prefill_tokens, mixed)
+            self._engines[first.batch_key] = engine
+        with nullcontext() if mixed else first.activate():
+            while True:
+                for job in self._admit(first.batch_key, self.max_batch_size - engine.size):
+                    jobs[id(job.request)] = job
+                    engine.admit(job.request, job.served.loaded.tokenizer, stop_token_ids(job.served.loaded),
+                                 job.served.peft_name if mixed else None)
+                if self._stopping:
+                    finished = engine.abort(ServerStopping("the server is stopping"))
+                elif not engine.busy:
+                    return
+                else:
+                    self.largest_batch = max(self.largest_batch, engine.size)
+                    finished = engine.step()
+                for request in finished:
+                    job = jobs.pop(id(request))
+                    _notify(job, request.error)
+                if self._stopping:
+                    return
+
+
+def _notify(job: Job, error: BaseException | None) -> None:
+    try:
+        job.on_done(error)
+    except Exception as err:  # noqa: BLE001 — a callback's failure must not stop the decoding thread
+        say(f"A request's completion callback failed: {err}")

@@ -8,8 +8,12 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both
 server-sent events with "stream": true, both with usage counts), GET /health (readiness).
 The request's `model` picks the base or one of the adapters, all loaded once at start. Chat
 messages go through the template the run was trained with; /v1/completions takes raw text.
-Concurrent requests queue and are decoded in batches; limits on prompt length, max_tokens and
-queue length answer 400 / 429 with an OpenAI-style error body instead of running out of memory.
+Concurrent requests are decoded together, continuously batched: a new request joins the running
+batch at the next token, a finished one leaves it at once (engine.py). Every field is checked at
+the edge: prompt length, max_tokens, n, seed, stop strings, body size; a bad request is answered
+400 / 413 / 429 with an OpenAI-style error body, never run. Templating and tokenisation run on
+worker threads, so a large prompt does not hold up other clients, and a request that fails while
+it is decoded fails alone (500), never its neighbours in the batch.
 The server listens on 127.0.0.1 unless told otherwise; with an API key (--api-key or
 TUNESMITH_API_KEY) every /v1 request must carry `Authorization: Bearer KEY`. /health stays open
 so that a load balancer can probe it; it tells nothing but "ok".
@@ -36,7 +40,7 @@ from tunesmith.log import say
 
 API_KEY_ENV = "TUNESMITH_API_KEY"
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 429: "rate_limit_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class ApiError(Exception):
@@ -53,6 +57,9 @@ class Limits:
     max_tokens: int  # largest max_tokens a request may ask for
     default_max_tokens: int  # answer length when a request does not say
     max_choices: int = 16  # n x prompts in one request
+    max_body_bytes: int = 4 << 20  # larger request bodies are refused (413) before they are read whole
+    max_stop_strings: int = 4  # as OpenAI's API
+    max_stop_chars: int = 256  # length of one stop string
 
 
 @dataclass
@@ -155,6 +162,16 @@ def unsupported(body, chat: bool) -> None:
         raise ApiError(400, "echo and suffix are not supported by this server", "echo" if body.echo else "suffix")
 
 
+def check_fields(body, chat: bool, prompts: int, limits: Limits) -> None:
+    """What can be refused before any templating or tokenising is done."""
+    unsupported(body, chat)
+    check_choices(body.n, prompts, limits)
+    stop_strings(body.stop, limits)
+    problems = Sampling(seed=body.seed).problems()
+    if problems:
+        raise ApiError(400, problems[0], "seed")
+
+
 def sampling_for(body, requested: int | None, prompt_lengths: list[int], served: Served, limits: Limits,
                  prompt_param: str) -> Sampling:
     """The sampling settings of a request, with its length limits checked."""
@@ -173,14 +190,29 @@ def sampling_for(body, requested: int | None, prompt_lengths: list[int], served:
     if max_new > room or max_new < 1:
         raise ApiError(400, f"the prompt ({longest} tokens) and max_tokens ({max_new}) exceed the model's "
                        f"context of {context} tokens", prompt_param, "context_length_exceeded")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    stop = stop_strings(body.stop, limits)
     sampling = Sampling(max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
                         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                         repetition_penalty=body.repetition_penalty or 1.0, stop=stop, seed=body.seed)
-    problems = sampling.problems() + ([] if len(stop) <= 4 else ["stop takes at most 4 strings"])
+    problems = sampling.problems()
     if problems:
         raise ApiError(400, "; ".join(problems), problems[0].split("=")[0].split()[0])
     return sampling
+
+
+def stop_strings(stop: str | list[str] | None, limits: Limits) -> tuple[str, ...]:
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(strings) > limits.max_stop_strings:
+        raise ApiError(400, f"stop has {len(strings)} strings; at most {limits.max_stop_strings} are allowed", "stop")
+    if any(len(s) > limits.max_stop_chars for s in strings):
+        raise ApiError(400, f"a stop string is longer than {limits.max_stop_chars} characters", "stop")
+    return strings
+
+
+def check_choices(n: int, prompts: int, limits: Limits) -> None:
+    """n answers to each of `prompts` prompts: checked before any tokenising is done."""
+    if n < 1 or prompts * n > limits.max_choices:
+        raise ApiError(400, f"n={n} x {prompts} prompt(s) must be between 1 and {limits.max_choices} answers", "n")
 
 
 # ---- running jobs ----------------------------------------------------------------------------
@@ -190,9 +222,7 @@ class Run:
 
     def __init__(self, state: ServerState, served: Served, prompts: list[list[int]], sampling: Sampling,
                  n: int, stream: bool):
-        if len(prompts) * n > state.limits.max_choices or n < 1:
-            raise ApiError(400, f"n={n} x {len(prompts)} prompt(s) must be between 1 and "
-                           f"{state.limits.max_choices} answers", "n")
+        check_choices(n, len(prompts), state.limits)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.prompts = prompts
@@ -309,6 +339,40 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is refused with 413, by its declared
+    Content-Length before a byte is read, or (chunked uploads) as soon as the count passes the cap."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            from fastapi.responses import JSONResponse
+
+            response = JSONResponse(error_body(413, self._message()), status_code=413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                from starlette.exceptions import HTTPException
+
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server accepts ({self.max_bytes} bytes)"
+
+
 def build_app(state: ServerState, on_stop=None):
     """The FastAPI application; `on_stop` runs when the server shuts down (Ctrl-C, SIGTERM)."""
     from contextlib import asynccontextmanager
@@ -327,6 +391,7 @@ def build_app(state: ServerState, on_stop=None):
             on_stop()
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_body_bytes)
 
     def error(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
         return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
@@ -375,8 +440,9 @@ def build_app(state: ServerState, on_stop=None):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         served = state.lookup(body.model)
-        unsupported(body, chat=True)
-        ids = chat_prompt_ids(served, chat_messages(body.messages))
+        check_fields(body, chat=True, prompts=1, limits=state.limits)
+        messages = chat_messages(body.messages)
+        ids = await asyncio.to_thread(chat_prompt_ids, served, messages)  # templating and tokenising off the loop
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling = sampling_for(body, requested, [len(ids)], served, state.limits, "messages")
         return await answer(Run(state, served, [ids], sampling, body.n, body.stream), served, body, chat=True)
@@ -384,11 +450,12 @@ def build_app(state: ServerState, on_stop=None):
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         served = state.lookup(body.model)
-        unsupported(body, chat=False)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt is an empty list", "prompt")
-        prompts = [served.loaded.encoder.encode_prompt(text) for text in texts]
+        check_fields(body, chat=False, prompts=len(texts), limits=state.limits)
+        encode = served.loaded.encoder.encode_prompt
+        prompts = await asyncio.to_thread(lambda: [encode(text) for text in texts])
         sampling = sampling_for(body, body.max_tokens, [len(p) for p in prompts], served, state.limits, "prompt")
         return await answer(Run(state, served, prompts, sampling, body.n, body.stream), served, body, chat=False)
 
@@ -423,16 +490,21 @@ def bind(host: str, port: int) -> socket.socket:
 def limits_from(args: argparse.Namespace, models: dict[str, Served]) -> Limits:
     contexts = [s.context_length for s in models.values() if s.context_length]
     max_prompt = args.max_prompt_tokens or (min(contexts) - 1 if contexts else 2048)
-    if min(args.max_tokens, args.default_max_tokens, max_prompt, args.max_batch_size, args.max_queue) < 1:
-        raise TunesmithError("--max-tokens, --default-max-tokens, --max-prompt-tokens, --max-batch-size and "
-                             "--max-queue must be at least 1")
-    return Limits(max_prompt, args.max_tokens, min(args.default_max_tokens, args.max_tokens))
+    if min(args.max_tokens, args.default_max_tokens, max_prompt, args.max_batch_size, args.max_queue,
+           args.prefill_tokens, args.max_body_bytes) < 1:
+        raise TunesmithError("--max-tokens, --default-max-tokens, --max-prompt-tokens, --max-batch-size, "
+                             "--max-queue, --prefill-tokens and --max-body-bytes must be at least 1")
+    return Limits(max_prompt, args.max_tokens, min(args.default_max_tokens, args.max_tokens),
+                  max_body_bytes=args.max_body_bytes)
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
+                        help="builtin: this process (CPU or GPU, continuous batching); vllm: exec vLLM's "
+                             "OpenAI-compatible server with the same models (CUDA GPUs; args after -- go to vLLM)")
     parser.add_argument("--model", help="base model (alias, HF dir, .gguf); default: the first run's base")
     parser.add_argument("--adapter", "--run", dest="adapters", action="append", default=[], metavar="[NAME=]RUN",
                         help="a fine-tuned run (or checkpoint folder, or merged model dir) to serve as NAME; "
@@ -444,7 +516,14 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default="auto", help="template of the base model (auto, chat, alpaca, qa)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together, at most")
+    parser.add_argument("--prefill-tokens", type=int, default=256,
+                        help="prompt tokens taken in per decode step, at most: a long prompt is read in chunks "
+                             "while the running answers keep coming")
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                        help="larger request bodies are refused (413)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="--engine vllm: GPUs that split the model (vLLM's option of that name)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt accepted (default: the model's context - 1)")
@@ -458,8 +537,21 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and what follows `--` (passed to vLLM as it is)."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, passthrough = parser().parse_args(argv[:split]), argv[split + 1:]
+    if passthrough and args.engine != "vllm":
+        raise TunesmithError(f"arguments after -- ({' '.join(passthrough)}) are for --engine vllm only")
+    return args, passthrough
+
+
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args, passthrough = arguments(argv)
+    if args.engine == "vllm":
+        from tunesmith.infer import vllm_server
+
+        return vllm_server.main(args, passthrough)
     try:
         import uvicorn
     except ImportError:
@@ -477,7 +569,7 @@ def main(argv: list[str]) -> int:
     models = load_models(args.model, [parse_adapter(a) for a in args.adapters], args.template, args.device,
                          args.precision)
     limits = limits_from(args, models)
-    scheduler = Scheduler(args.max_batch_size, args.max_queue).start()
+    scheduler = Scheduler(args.max_batch_size, args.max_queue, args.prefill_tokens).start()
     state = ServerState(models, scheduler, limits, args.api_key or None, int(time.time()))
     sock.listen(2048)  # from here on connections wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
@@ -486,7 +578,7 @@ def main(argv: list[str]) -> int:
         f"{', API key required' if state.api_key else ''}); Ctrl-C stops")
     def stop() -> None:  # before uvicorn re-raises the signal that stopped it
         scheduler.stop()
-        say(f"Stopped after {scheduler.batches} batches (the largest of {scheduler.largest_batch} requests)")
+        say(f"Stopped (at most {scheduler.largest_batch} requests were decoded together)")
 
     app = build_app(state, on_stop=stop)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
