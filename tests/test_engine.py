@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tunesmith.infer.engine import Request, Sampling, _safe_end, decode
+from tunesmith.infer.engine import Request, Sampling, decode
+from tunesmith.infer.request import safe_end as _safe_end
 from tunesmith.infer.generate import load_base, stop_token_ids
 
 PROMPTS = ["hello world", "What is the capital of France? The capital", "the quick brown fox jumps over the lazy dog"]
@@ -212,7 +213,7 @@ def test_nucleus_keeps_what_transformers_top_k_and_top_p_keep():
     falls back to those warpers over the whole vocabulary."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from tunesmith.infer.engine import _nucleus
+    from tunesmith.infer.request import nucleus as _nucleus
 
     generator = torch.Generator().manual_seed(0)
     for top_k, top_p in [(0, 0.1), (0, 0.5), (0, 0.9), (50, 0.9), (5, 0.99), (3000, 0.5)]:
