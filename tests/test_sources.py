@@ -362,3 +362,14 @@ def test_json_rows_in_a_txt_file_are_still_rows(tmp_path):
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     loaded = load(str(path), make_config(tmp_path, path).data)
     assert loaded.format == "qa" and loaded.examples[0].reference == "a"
+
+
+@pytest.mark.parametrize("statement", ["ATTACH DATABASE '{target}' AS other;", "COMMIT; VACUUM INTO '{target}';"])
+def test_a_sql_dump_cannot_write_to_the_disk(tmp_path, statement):
+    target = tmp_path / "created.db"
+    dump = tmp_path / "d.sql"
+    dump.write_text("CREATE TABLE t (question TEXT, answer TEXT);\nINSERT INTO t VALUES ('q', 'a');\n"
+                    + statement.format(target=target) + "\n")
+    with pytest.raises(DataError, match=r"d\.sql: statement [34] \(line 3\): (not authorized|authorization denied)"):
+        load(str(dump), make_config(tmp_path, dump).data)
+    assert not target.exists()

@@ -28,6 +28,7 @@ def read_sql_dump(path: Path, text: str, query: str | None, table: str | None) -
         raise DataError(f"{path}:{line}: a NUL character: this is not a SQL text file")
     mysql = bool(MYSQL_HINTS.search(text[:200_000]))
     connection = sqlite3.connect(":memory:")
+    connection.set_authorizer(_in_memory_only)
     try:
         position = 0
         statements = [s for s in sqlparse.split(text) if s.strip()]
@@ -41,6 +42,12 @@ def read_sql_dump(path: Path, text: str, query: str | None, table: str | None) -
         return rows_of(connection, path, query, table)
     finally:
         connection.close()
+
+
+def _in_memory_only(action: int, *_details) -> int:
+    """sqlite3 authorizer: a dump runs inside one in-memory database and may not reach the disk
+    (ATTACH DATABASE 'x.db' creates the file)."""
+    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
 
 
 def _leading_comment_lines(statement: str) -> int:
