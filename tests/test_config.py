@@ -204,3 +204,14 @@ def test_argument_verbs_print_their_help(cli, verb):
     with pytest.raises(SystemExit) as stopped:
         cli(verb, "--help")
     assert stopped.value.code == 0
+
+
+@pytest.mark.parametrize("batch, micro", [(4, 4), (12, 6), (16, 8), (7, 7), (10, 5)])
+def test_an_unset_micro_batch_follows_the_batch_size(batch, micro):
+    config = config_module.build({"train": {"batch_size": batch}})
+    assert (config.train.batch_size, config.train.micro_batch_size) == (batch, micro)
+
+
+def test_a_micro_batch_the_user_set_that_does_not_divide_stays_an_error():
+    with pytest.raises(ConfigError, match=r"train.batch_size=4 is not a multiple of train.micro_batch_size=8"):
+        config_module.build({"train": {"batch_size": 4, "micro_batch_size": 8}})

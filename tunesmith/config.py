@@ -101,7 +101,8 @@ class DataConfig(Section):
 class TrainConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step")
-    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (accumulation = batch/micro)")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (accumulation = batch/micro); "
+                                  "unset: the largest divisor of batch_size up to 8")
     epochs: float = Field(1.0, gt=0, description="passes over the training split (ignored if max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from 0 to learning_rate")
@@ -343,6 +344,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def build(raw: dict, base_dir: Path | None = None) -> RunConfig:
     """Validate a raw dict into a RunConfig, reporting every problem at once."""
+    raw = with_micro_batch_following(raw)
     problems = []
     try:
         config = RunConfig.model_validate(raw)
@@ -355,6 +357,21 @@ def build(raw: dict, base_dir: Path | None = None) -> RunConfig:
     if base_dir is not None:
         _resolve_paths(config, base_dir)
     return config
+
+
+def with_micro_batch_following(raw: dict) -> dict:
+    """An unset train.micro_batch_size follows train.batch_size: the largest divisor of the batch
+    size up to the default (batch_size 4 -> micro 4, 12 -> 6), so `--train.batch_size 4` alone is
+    not refused. A micro batch the user set stays theirs, and a conflict stays an error."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or "micro_batch_size" in train:
+        return raw
+    batch = train.get("batch_size")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        return raw
+    ceiling = TrainConfig.model_fields["micro_batch_size"].default
+    micro = max(d for d in range(1, min(batch, ceiling) + 1) if batch % d == 0)
+    return {**raw, "train": {**train, "micro_batch_size": micro}}
 
 
 class _Lookup:
