@@ -134,6 +134,16 @@ def test_html_folder_split_by_headings_into_question_answer_rows(tmp_path, token
     assert rows[0]["extra"]["title"] == "Clinic FAQ"
 
 
+def test_sphinx_permalink_anchors_do_not_end_up_in_headings(tmp_path, tokenizer):
+    page = tmp_path / "docs.html"
+    page.write_text("<html><body><div role='main'>" + "".join(
+        f'<section><h2>{q}<a class="headerlink" href="#s{i}" title="Link to this heading">\u00b6</a></h2>'
+        f"<p>{a}</p></section>" for i, (q, a) in enumerate(FAQ)) + "</div></body></html>")
+    _, rows = prepared_rows(tmp_path, tokenizer, page, html_split="headings",
+                            columns={"question": "heading", "answer": "body"})
+    assert sorted((r["messages"][-1]["content"], r["reference"]) for r in rows) == sorted(FAQ)
+
+
 # ---------------------------------------------------------------- SQL
 
 

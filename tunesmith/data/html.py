@@ -24,6 +24,8 @@ HEADINGS = ("h1", "h2", "h3", "h4", "h5", "h6")
 PARAGRAPHS = {"p", "pre", "blockquote", "table", "ul", "ol", "dl", "figure", "hr", "section", "article",
               "details", "address", *HEADINGS}  # followed by a blank line, like paragraphs in Markdown
 BOILERPLATE_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search"}
+# permalink anchors documentation generators put in headings ("¶" in Sphinx, "#" in MkDocs and others)
+HEADER_LINK_CLASSES = {"headerlink", "anchor", "anchorjs-link", "heading-anchor", "header-anchor"}
 
 
 def read_html(path: Path, text: str, split: str) -> list[tuple[dict, str]]:
@@ -57,8 +59,12 @@ def _drop_boilerplate(content) -> None:
             continue
         role = (tag.get("role") or "").lower() if tag.attrs is not None else ""
         if tag.name in DROP or role in BOILERPLATE_ROLES or tag.get("aria-hidden") == "true" \
-                or tag.has_attr("hidden"):
+                or tag.has_attr("hidden") or _is_header_link(tag):
             tag.decompose()
+
+
+def _is_header_link(tag) -> bool:
+    return tag.name == "a" and bool(HEADER_LINK_CLASSES.intersection(tag.get("class") or []))
 
 
 def page_text(node) -> str:
