@@ -92,6 +92,18 @@ def test_adapter_names_the_supported_architectures(tiny_models):
         build(tiny_models("gpt_neox"), "adapter")
 
 
+@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "lm_head"]), ("qwen2", ".*lm_head"),
+                                              ("llama", ["lm_head"])])
+def test_lora_on_the_output_layer_is_refused_not_silently_left_untrained(tiny_models, family, targets):
+    with pytest.raises(ConfigError, match=r"lora.target_modules includes the output layer lm_head"):
+        build(tiny_models(family), "lora", lora={"dropout": 0.0, "target_modules": targets})
+
+
+def test_all_linear_lora_leaves_the_output_layer_alone(llama):
+    model, _ = build(llama, "lora")
+    assert not any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_adapter_trains_gpt2_too(tiny_models):
     model, _ = build(tiny_models("gpt2"), "adapter", adapter={"length": 3, "layers": 1})
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

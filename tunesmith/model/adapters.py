@@ -59,9 +59,28 @@ def peft_config(config: RunConfig, model):
         return AdaptionPromptConfig(adapter_len=config.adapter.length, task_type="CAUSAL_LM",
                                     adapter_layers=min(config.adapter.layers or layers, layers))
     lora = config.lora
+    refuse_output_layer(lora.target_modules, model)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
                       use_dora=config.method == "dora")
+
+
+def refuse_output_layer(target_modules: str | list[str], model) -> None:
+    """LoRA on the output layer would never train: the chunked loss multiplies by its weight directly
+    (no logits for masked positions), past any adapter wrapped around it."""
+    import re
+
+    output = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is output), None)
+    if output is None or name is None or target_modules == "all-linear":  # PEFT's all-linear leaves it out
+        return
+    if isinstance(target_modules, str):
+        hit = re.fullmatch(target_modules, name) is not None
+    else:
+        hit = name.rsplit(".", 1)[-1] in target_modules or name in target_modules
+    if hit:
+        raise ConfigError(f"lora.target_modules includes the output layer {name}, which tunesmith's loss reads "
+                          "directly, so its adapter would never train; leave it out (all-linear does)")
 
 
 def count_parameters(model) -> tuple[int, int]:
