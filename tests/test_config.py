@@ -215,3 +215,17 @@ def test_an_unset_micro_batch_follows_the_batch_size(batch, micro):
 def test_a_micro_batch_the_user_set_that_does_not_divide_stays_an_error():
     with pytest.raises(ConfigError, match=r"train.batch_size=4 is not a multiple of train.micro_batch_size=8"):
         config_module.build({"train": {"batch_size": 4, "micro_batch_size": 8}})
+
+
+@pytest.mark.parametrize("clip", [0, -1.0])
+def test_a_gradient_clip_of_zero_or_less_is_refused_at_load_time(clip):
+    with pytest.raises(ConfigError, match=rf"train.grad_clip={clip} must be above 0 \(set it to null"):
+        config_module.build({"train": {"grad_clip": clip}})
+    assert config_module.build({"train": {"grad_clip": None}}).train.grad_clip is None
+
+
+def test_more_torchrun_processes_than_examples_per_step_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"torchrun started 4 processes but train.batch_size=2"):
+        config_module.build({"train": {"batch_size": 2, "micro_batch_size": 1}})
+    assert config_module.build({"train": {"batch_size": 4, "micro_batch_size": 1}}).train.batch_size == 4

@@ -7,6 +7,7 @@ Validation collects every problem before it reports, so a user fixes a config in
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -421,6 +422,13 @@ def semantic_problems(values: _Lookup) -> list[str]:
     if _all(int, devices, batch) and devices > batch:
         problems.append(f"train.devices={devices} is more than train.batch_size={batch}: "
                         "each device needs at least one example per step")
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # processes started by the user's own torchrun
+    if isinstance(batch, int) and launched > batch:
+        problems.append(f"torchrun started {launched} processes but train.batch_size={batch}: each process "
+                        "needs at least one example per step")
+    clip = values.get("train.grad_clip")
+    if _all((int, float), clip) and clip <= 0:
+        problems.append(f"train.grad_clip={clip} must be above 0 (set it to null to turn clipping off)")
     method = values.get("method")
     if values.get("train.strategy") == "fsdp" and isinstance(method, str) and method != "full":
         problems.append(f"train.strategy=fsdp shards a full fine-tune; method={method} trains small adapters "
