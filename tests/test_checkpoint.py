@@ -146,3 +146,34 @@ def test_pick_without_checkpoints_is_a_clear_error(tmp_path):
 
     with pytest.raises(TunesmithError, match="holds no finished checkpoint"):
         checkpoint.pick(tmp_path)
+
+
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint folder that verifies (its manifest lists its one file) or was cut off mid-save."""
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if complete:
+        digest = checkpoint._sha256(folder / "trainer_state.json")
+        (folder / checkpoint.MANIFEST).write_text(json.dumps({"files": {"trainer_state.json": digest}}))
+    return folder
+
+
+@pytest.mark.parametrize("new_copy_complete", [False, True])
+def test_a_crash_between_the_two_renames_never_loses_best(tmp_path, new_copy_complete):
+    # _replace moved best/ to best.old and died before best.tmp became best/
+    fake_checkpoint(tmp_path / "best.old", step=10)
+    fake_checkpoint(tmp_path / "best.tmp", step=20, complete=new_copy_complete)
+    fake_checkpoint(tmp_path / "final", step=30)
+    checkpoint.prune(tmp_path, keep=2)  # what the next save in the run does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+    state = json.loads((tmp_path / "best" / "trainer_state.json").read_text())
+    assert state["step"] == (20 if new_copy_complete else 10)  # the newest copy that verifies
+    assert checkpoint.pick(tmp_path) == tmp_path / "best"
+
+
+def test_replace_keeps_the_only_copy_until_the_new_one_is_in_place(tmp_path):
+    fake_checkpoint(tmp_path / "final.old", step=10)  # left by a crash: the only complete copy
+    tmp = fake_checkpoint(tmp_path / "final.tmp", step=20)
+    checkpoint._replace(tmp, tmp_path / "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert json.loads((tmp_path / "final" / "trainer_state.json").read_text())["step"] == 20

@@ -146,13 +146,35 @@ def save(model, tokenizer, config: RunConfig, folder: Path, state: dict, snapsho
 
 
 def _replace(tmp: Path, folder: Path) -> None:
+    """tmp becomes folder. At every moment one complete copy exists under a name recover() knows:
+    folder, else folder.old, else tmp. The parent is fsynced around the renames so they reach the
+    disk in order."""
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync(tmp)
+    _fsync(folder.parent)
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a stale copy: folder is the complete one
         os.replace(folder, old)
     os.replace(tmp, folder)
     _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(run_dir: Path) -> list[str]:
+    """After a crash between the two renames of _replace, put the newest complete copy back under
+    its own name (X.tmp if it verifies, else X.old); what it did, for the log."""
+    done = []
+    for leftover in sorted(run_dir.glob("*.old")) + sorted(run_dir.glob("*.tmp")):
+        target = leftover.with_suffix("")
+        if target.exists() or not leftover.is_dir():
+            continue
+        newer = target.with_name(target.name + ".tmp")
+        source = newer if newer.is_dir() and verify(newer) is None else leftover
+        if verify(source) is None:
+            os.replace(source, target)
+            _fsync(run_dir)
+            done.append(f"{target.name} restored from {source.name} (a save was interrupted)")
+    return done
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -191,7 +213,7 @@ def step_folders(run_dir: Path) -> list[Path]:
 
 def latest_resumable(run_dir: Path) -> tuple[Path, list[str]]:
     """The newest step-* checkpoint that verifies, and a note for each newer one that did not."""
-    notes = []
+    notes = recover(run_dir)
     for folder in reversed(step_folders(run_dir)):
         problem = verify(folder) or (None if (folder / "optimizer.pt").is_file() else "has no optimizer state")
         if problem is None:
@@ -291,7 +313,8 @@ def _load_weights(folder: Path, model) -> None:
 
 def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` complete step-* folders; best/ and final/ are separate and never pruned.
-    Leftovers of interrupted saves (*.tmp, *.old) go too."""
+    Leftovers of interrupted saves (*.tmp, *.old) go too, once recover() has kept what it needs."""
+    recover(run_dir)
     for leftover in list(run_dir.glob("*.tmp")) + list(run_dir.glob("*.old")):
         shutil.rmtree(leftover, ignore_errors=True)
     complete = [p for p in step_folders(run_dir) if is_complete(p)]
@@ -305,6 +328,8 @@ def is_adapter(folder: Path) -> bool:
 
 def pick(run_dir: Path) -> Path:
     """The checkpoint a run stands for: best/ (lowest validation loss) when kept, else final/."""
+    if run_dir.is_dir():
+        recover(run_dir)
     for name in ("best", "final"):
         if is_complete(run_dir / name):
             return run_dir / name
