@@ -5,6 +5,7 @@ CPU processes match one process."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, qa_rows, write_jsonl
 from safetensors.torch import load_file
 
-from helpers import REPO, qa_rows, write_jsonl
 from tunesmith.cli import main
 from tunesmith.train import checkpoint
 
@@ -95,6 +96,36 @@ def test_corrupted_newest_checkpoint_is_reported_and_skipped(tmp_path, llama, da
         capsys.readouterr().err
     for key, value in adapter(out / "final").items():
         assert torch.equal(value, adapter(reference / "final")[key])
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, llama, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
+    out = tmp_path / "run"
+    assert main(flags(llama, data, out, 4)) == 0
+    manifest = (out / "data" / "manifest.json").read_text()
+    write_jsonl(data, qa_rows(40, start=100))  # other rows under the same name
+    capsys.readouterr()
+    assert main(flags(llama, data, out, 8, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "the data files' content changed since it was trained" in err
+    assert (out / "data" / "manifest.json").read_text() == manifest  # what it trained on is still there
+    write_jsonl(data, qa_rows(40))  # the original rows back: the run goes on
+    assert main(flags(llama, data, out, 8, "--resume")) == 0
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 8
+
+
+def test_tokenizer_fingerprint_sees_the_merges_not_only_a_sample_of_the_vocabulary(tokenizer):
+    from tokenizers import Tokenizer
+
+    from tunesmith.data.prepare import tokenizer_fingerprint
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    merges[-1], merges[-2] = merges[-2], merges[-1]  # same vocabulary, other splits of some words
+    changed = copy.deepcopy(tokenizer)
+
+    changed._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    assert tokenizer_fingerprint(changed) != tokenizer_fingerprint(tokenizer)
 
 
 def test_sigint_saves_and_exits_cleanly(tmp_path, llama, data):

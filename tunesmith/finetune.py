@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import torch
 from tunesmith import config as config_module
 from tunesmith import plots
 from tunesmith.config import RunConfig, dump
-from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.data.prepare import prepare, summary_lines
+from tunesmith.data.prepare import data_key, prepare, summary_lines
 from tunesmith.data.templates import choose
 from tunesmith.device import pick_device, pick_dtype
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, load_for_training, prepare_for_training
 from tunesmith.model.load import load_tokenizer, resolve
@@ -29,6 +30,9 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     # Pin the template 'auto' chose, so checkpoints generate with exactly the training format.
     template = choose(config.data.template, tokenizer, config.data.system_prompt)
     config = config.model_copy(update={"data": config.data.model_copy(update={"template": template.spec})})
+    resume_from = resume_point(config)
+    if resume_from is not None:  # before prepare() replaces the data the checkpoint was trained on
+        check_same_data(resume_from, config, tokenizer)
     prepared = prepare(config, tokenizer)  # first: a data error leaves no half-made run directory
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump(config))
@@ -47,7 +51,6 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     model = prepare_for_training(model, config, dtype)
     trainable, total = count_parameters(model)
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({config.method})")
-    resume_from = resume_point(config)
     try:
         result = loop.run(model, tokenizer, config, prepared.splits, device, dtype, resume_from, group)
     finally:
@@ -95,6 +98,23 @@ def resume_point(config: RunConfig) -> Path | None:
         raise ConfigError([f"cannot resume from {folder}: {key} differs from the checkpoint's "
                            f"({_get(saved, key)!r} there, {_get(current, key)!r} now)" for key in changed])
     return folder
+
+
+def check_same_data(folder: Path, config: RunConfig, tokenizer) -> None:
+    """Refuse to resume on other rows: the data the checkpoint's run prepared (its data/manifest.json)
+    must have the key the data has now (the sources' content, the data settings, the tokenizer)."""
+    manifest = folder.parent / "data" / "manifest.json"
+    if not manifest.is_file():
+        return  # prepared data removed by hand: nothing to compare, the row order is still seeded
+    trained_on = json.loads(manifest.read_text()).get("key", {})
+    now = data_key(config, tokenizer)
+    changed = [part for part in ("sources", "settings", "tokenizer") if trained_on.get(part) != now.get(part)]
+    if changed:
+        what = {"sources": "the data files' content", "settings": "the data settings",
+                "tokenizer": "the tokenizer"}
+        raise TunesmithError(f"cannot resume from {folder}: {' and '.join(what[c] for c in changed)} changed since "
+                             "it was trained, so it would continue on other rows; restore the data, or start a new "
+                             "run without --resume (or with another out_dir)")
 
 
 def _get(tree: dict, dotted: str):

@@ -48,13 +48,15 @@ def file_hash(path: str | Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = tokenizer.get_vocab()
-    text = json.dumps([sorted(vocab.items())[:: max(1, len(vocab) // 4096)], len(vocab),
-                       tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token])
+    """The whole tokenizer: every token and merge (its tokenizers JSON), template and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text = json.dumps([body, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _key(config: RunConfig, tokenizer) -> dict:
+def data_key(config: RunConfig, tokenizer) -> dict:
+    """What the prepared data depends on: the sources' content, the data settings, the tokenizer."""
     data = config.data
     for k in ("path", "val_path", "test_path"):
         if getattr(data, k) and not Path(getattr(data, k)).exists():
@@ -71,7 +73,7 @@ def prepare(config: RunConfig, tokenizer, *, force: bool = False) -> Prepared:
     if not config.data.path:
         raise DataError("data.path is not set: give a data file or folder (e.g. --data.path train.jsonl)")
     folder = config.run_dir / "data"
-    key = _key(config, tokenizer)
+    key = data_key(config, tokenizer)
     manifest_path = folder / "manifest.json"
     if not force and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
