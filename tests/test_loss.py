@@ -100,6 +100,33 @@ def test_packed_loss_equals_plain_transformers_loss(tiny_models, family):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral", "qwen2"])
+def test_packed_loss_honours_a_sliding_window_shorter_than_the_examples(tiny_models, family, tmp_path):
+    """Gemma 3's local layers, Mistral and Qwen2 with a window: a token sees only the last `window`
+    tokens. The examples (8, 17 and 12 tokens) are longer than the window of 4."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / family
+    shutil.copytree(tiny_models(family), folder)
+    config = json.loads((folder / "config.json").read_text())
+    window = {"sliding_window": 4} | ({"use_sliding_window": True, "max_window_layers": 0,
+                                      "layer_types": ["sliding_attention"] * config["num_hidden_layers"]}
+                                     if family == "qwen2" else {})
+    (folder / "config.json").write_text(json.dumps(config | window))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    split = varied_split(model.config.vocab_size)
+    with packed_attention(model):
+        packed = loss_sum(model, pack(split, [0, 1, 2]), chunk_size=16)
+    reference = plain_transformers_loss(model, split)
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-4)
+    full_context = AutoModelForCausalLM.from_pretrained(tiny_models(family), dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+    assert abs(plain_transformers_loss(full_context, split).item() - reference.item()) > 1e-3  # the window matters
+
+
 def test_packing_layout():
     split = TokenizedSplit.from_lists([[10, 11, 12, 13], [20, 21, 22]],
                                       [[False, False, True, True], [False, True, True]])

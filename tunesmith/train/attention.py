@@ -1,6 +1,7 @@
 """Attention for packed rows: each example attends only to itself, with no padding and no
 block-diagonal mask. The packed row is cut at example boundaries and SDPA runs causally on each
 piece — the CPU counterpart of flash-attention's varlen kernel. Costs O(sum of len^2), not O(T^2).
+A layer's sliding window, which transformers passes to the attention function, is honoured.
 
 Registered with transformers' AttentionInterface under VARLEN; `packed_attention(model)` switches
 a model to it only for training forwards (generation keeps SDPA with its padding mask).
@@ -17,17 +18,28 @@ import torch.nn.functional as F
 VARLEN = "tunesmith_varlen"
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     **kwargs):
     # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim)
     segments = kwargs.get("tunesmith_segments")
     lengths = [end - start for start, end in segments] if segments else [query.shape[2]]
     groups = query.shape[1] // key.shape[1]
     pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    outputs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0,
-                                              scale=scaling, is_causal=True, enable_gqa=groups > 1)
+    outputs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling,
+                                              enable_gqa=groups > 1, **_causal(q.shape[2], sliding_window, q.device))
                for q, k, v in pieces]  # split, not slicing: its backward is one concatenation
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _causal(length: int, sliding_window: int | None, device) -> dict:
+    """SDPA's arguments for causal attention; with a sliding window (Gemma 3's local layers, Mistral,
+    Qwen2 with use_sliding_window) a token sees only itself and the window - 1 tokens before it."""
+    if not sliding_window or length <= sliding_window:
+        return {"is_causal": True}
+    position = torch.arange(length, device=device)
+    distance = position[:, None] - position[None, :]  # (T, T): query index minus key index
+    return {"attn_mask": (distance >= 0) & (distance < sliding_window)}
 
 
 def _no_mask(*args, **kwargs):
