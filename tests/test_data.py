@@ -199,6 +199,25 @@ def test_a_failed_prepare_keeps_the_previous_data(cli, llama, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["data"]  # no temporary folder left
 
 
+def test_processes_preparing_the_same_run_take_turns(tokenizer, tmp_path):
+    """The ranks of one run prepare at once: while one holds the run's data, another waits (here a
+    thread: flock locks separate opens in one process too), then reuses what was built."""
+    import threading
+
+    from tunesmith.locks import exclusive
+
+    config = make_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", qa_rows(10)))
+    prepare_module.prepare(config, tokenizer)
+    done = []
+    with exclusive(config.run_dir / "data"):
+        other = threading.Thread(target=lambda: done.append(prepare_module.prepare(config, tokenizer)))
+        other.start()
+        other.join(timeout=3)  # the reuse path takes milliseconds: still running means it waits
+        assert other.is_alive() and not done
+    other.join(timeout=60)
+    assert len(done) == 1 and done[0].manifest["examples"] == 10
+
+
 def test_unknown_format_value_is_a_config_error(cli, llama, tmp_path):
     result = cli("prepare", "--model", llama, "--data.path", tmp_path / "x.jsonl", "--data.format", "csvish")
     assert result.code == 2

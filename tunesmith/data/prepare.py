@@ -72,15 +72,18 @@ def data_key(config: RunConfig, tokenizer) -> dict:
 def prepare(config: RunConfig, tokenizer, *, force: bool = False) -> Prepared:
     if not config.data.path:
         raise DataError("data.path is not set: give a data file or folder (e.g. --data.path train.jsonl)")
+    from tunesmith.locks import exclusive
+
     folder = config.run_dir / "data"
     key = data_key(config, tokenizer)
-    manifest_path = folder / "manifest.json"
-    if not force and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key:
-            say(f"Reusing prepared data in {folder} (sources and settings unchanged)")
-            return Prepared(folder, manifest, {s: TokenizedSplit.load(folder / s) for s in SPLITS})
-    return _build(config, tokenizer, folder, key)
+    with exclusive(folder):  # the ranks of one run start together: one builds, the others reuse
+        manifest_path = folder / "manifest.json"
+        if not force and manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("key") == key:
+                say(f"Reusing prepared data in {folder} (sources and settings unchanged)")
+                return Prepared(folder, manifest, {s: TokenizedSplit.load(folder / s) for s in SPLITS})
+        return _build(config, tokenizer, folder, key)
 
 
 def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:

@@ -76,9 +76,20 @@ def _fingerprint(path: Path) -> str:
 
 
 def _convert_gguf(path: Path) -> Path:
+    from tunesmith.locks import exclusive
+
     target = cache_root() / "models" / f"{path.stem}-{_fingerprint(path)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
+    with exclusive(target):  # several ranks (or runs) may ask at once: one converts, the others reuse
+        return target if _converted(target) else _convert_gguf_into(path, target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert_gguf_into(path: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say(f"Converting {path.name} to a cached safetensors model in {target} (once; ~30 s)")
