@@ -11,6 +11,7 @@ sees the whole conversation so far. Answers appear token by token.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from tunesmith.errors import TunesmithError
@@ -98,6 +99,9 @@ def reply(loaded: Loaded, prompt_ids: list[int], sampling: Sampling, out) -> str
 
 
 def repl(loaded: Loaded, sampling: Sampling, system_prompt: str | None, out=sys.stdout) -> int:
+    # Ctrl-C must stop an answer even when this process was started with SIGINT ignored (as a shell
+    # starts `cmd &` without job control, and its children inherit): then Python installs no handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     conversation = Conversation(loaded, system_prompt, sampling.max_new_tokens)
     while True:
         try:
