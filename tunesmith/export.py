@@ -101,10 +101,12 @@ def load_source(source: Path) -> Source:
     loaded = load_run(source, device="cpu", precision="fp32")
     run_dir = source if folder != source else folder.parent
     name = run_dir.name if folder.name in ("best", "final") or folder == source else folder.name
-    return Source(loaded, name, run_dir, folder, run_config, base_dir(run_config))
+    base = config_dir if config_dir != folder else base_dir(run_config)
+    return Source(loaded, name, run_dir, folder, run_config, base)
 
 
 def base_dir(run_config) -> Path | None:
+    """The base model's local directory (a full fine-tune's tokenizer files may come from there)."""
     from tunesmith.model.load import resolve
 
     location = Path(str(resolve(run_config.model)))
@@ -113,21 +115,19 @@ def base_dir(run_config) -> Path | None:
 
 def held_out_rows(source: Source, count: int) -> list[dict]:
     """Up to `count` prompts the run never trained on: its test split, else validation, else a few
-    general questions, each as {prompt (as tunesmith renders it), messages}."""
+    general questions, each as {prompt (as tunesmith renders it), messages, reference (if known)}."""
     for split in ("test", "val"):
         rows = read_rows(source.run_dir / "data" / split) if source.run_dir else []
         rows = [r for r in rows if r.get("prompt") and r.get("messages")]  # text (pre-training) runs have none
         if rows:
-            return [{"prompt": r["prompt"], "messages": r["messages"]} for r in rows[:count]]
+            return rows[:count]
     template, tokenizer = source.loaded.template, source.loaded.tokenizer
     return [{"prompt": render(template, tokenizer, template.system_prompt, text),
              "messages": [{"role": "user", "content": text}]} for text in CHECK_PROMPTS[:count]]
 
 
-def max_answer_tokens(source: Source, cap: int) -> int:
-    """Long enough for the run's own answers (the test split's references), never above `cap`."""
-    rows = read_rows(source.run_dir / "data" / "test") if source.run_dir else []
-    tokenizer = source.loaded.tokenizer
+def max_answer_tokens(rows: list[dict], tokenizer, cap: int) -> int:
+    """Long enough for the run's own answers to these prompts (their references), never above `cap`."""
     longest = max((len(tokenizer(r["reference"], add_special_tokens=False)["input_ids"]) for r in rows
                    if r.get("reference")), default=48)
     return min(cap, longest + 16)
@@ -171,14 +171,17 @@ def keep_base_tokenizer_files(base: Path, into: Path) -> None:
         written.write_text(json.dumps({**settings, "tokenizer_class": declared}, indent=2))
 
 
-def convert(hf_dir: Path, target: Path, kind: str, source: Source) -> None:
+def pre_tokenizer(source: Source) -> str:
     from tunesmith.model.gguf_pre import pre_tokenizer_name
 
-    pre = pre_tokenizer_name(source.loaded.tokenizer, source.run_config.model if source.run_config else None)
+    return pre_tokenizer_name(source.loaded.tokenizer, source.run_config.model if source.run_config else None)
+
+
+def convert(hf_dir: Path, target: Path, kind: str, source: Source) -> None:
     outtype = kind if kind in llama_cpp.CONVERTER_TYPES else "f16"
     plain = target if outtype == kind else target.with_name("f16-" + target.name)
     llama_cpp.run_converter("convert_hf_to_gguf.py", [str(hf_dir), "--outfile", str(plain), "--outtype", outtype],
-                            pre, source.name)
+                            pre_tokenizer(source), source.name)
     if plain != target:
         llama_cpp.quantize(plain, target, kind)
         plain.unlink()
@@ -193,7 +196,7 @@ def stop_strings(source: Source) -> list[str]:
 
 def check(gguf: Path, source: Source, kind: str, samples: int, minimum: float, lora: Path | None = None) -> dict:
     rows = held_out_rows(source, samples)
-    max_new = max_answer_tokens(source, cap=128)
+    max_new = max_answer_tokens(rows, source.loaded.tokenizer, cap=128)
     say(f"Checking {gguf.name} in llama.cpp: {len(rows)} held-out prompts, greedy, up to {max_new} tokens, "
         "next to tunesmith's answers")
     started = time.monotonic()

@@ -21,10 +21,10 @@ from tunesmith.export import (
     ExportError,
     Source,
     check,
-    check_architecture,
     finish,
     load_source,
     output_place,
+    pre_tokenizer,
     work_folder,
     write_tokenizer,
 )
@@ -50,10 +50,7 @@ def base_dir_with_template(source: Source, into: Path) -> None:
     """The base's weights (linked, not copied) with the run's tokenizer and template."""
     from transformers import AutoConfig
 
-    from tunesmith.model.load import resolve
-
-    base = Path(str(resolve(source.run_config.model)))
-    check_architecture(base)
+    base = source.base_dir  # load_source resolved it (and checked its architecture)
     into.mkdir(parents=True)
     for item in base.iterdir():
         if item.suffix == ".safetensors" or item.name in ("model.safetensors.index.json", "generation_config.json"):
@@ -71,9 +68,7 @@ def export_gguf_lora(source_path: Path, out_dir: Path | None, kind: str, samples
     out_dir, adapter_name = output_place(out_dir, source, f"export-lora-{kind}", f"{source.name}.lora.{kind}.gguf")
     tmp = work_folder(out_dir)
     try:
-        from tunesmith.model.gguf_pre import pre_tokenizer_name
-
-        pre = pre_tokenizer_name(source.loaded.tokenizer, source.run_config.model)
+        pre = pre_tokenizer(source)
         base_dir_with_template(source, tmp / "base")
         llama_cpp.run_converter("convert_hf_to_gguf.py", [str(tmp / "base"), "--outfile", str(tmp / base_name),
                                                           "--outtype", kind], pre, "the base model")

@@ -96,6 +96,7 @@ def compare(path: Path, loaded, rows: list[dict], max_new_tokens: int, lora: Pat
     expected_ids = [encoder.encode_prompt(r["prompt"]) for r in rows]
     llm = open_gguf(path, max(len(ids) for ids in expected_ids) + max_new_tokens + 16, lora)
     result = Agreement(prompts=len(rows))
+    stop_ids = set(stop_token_ids(loaded))
     for row, answer, ran_out, ids in zip(rows, ours, cut_off, expected_ids, strict=True):
         text = render_with_file_template(llm, row["messages"])
         if text != row["prompt"] and carries_alpaca_input(loaded.template, row["prompt"]):
@@ -104,7 +105,7 @@ def compare(path: Path, loaded, rows: list[dict], max_new_tokens: int, lora: Pat
         result.template_differs += text != row["prompt"]
         llama_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         result.tokens_differ += llama_ids != ids
-        answer_ids, stopped = greedy(llm, llama_ids, max_new_tokens, set(stop_token_ids(loaded)))
+        answer_ids, stopped = greedy(llm, llama_ids, max_new_tokens, stop_ids)
         theirs = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         result.same_answers += theirs == answer
         result.tunesmith_stopped += not ran_out
