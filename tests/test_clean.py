@@ -48,7 +48,7 @@ def test_each_cleaning_step_is_counted_with_samples(tmp_path, tokenizer):
     config = make_config(tmp_path, path, clean={"strip_prefixes": ["Q. ", "A. "]})
     prepared = prepare_module.prepare(config, tokenizer)
     report = prepared.manifest["cleaning"]["path"]
-    assert report["counts"] == {"empty_fields": 1, "whitespace": 2, "prefixes": 1, "boilerplate": 2,
+    assert report["counts"] == {"empty_fields": 1, "whitespace": 2, "prefixes": 1, "identical_pairs": 0, "boilerplate": 2,
                                 "exact_duplicates": 2, "near_duplicates": 1}
     assert (report["rows_in"], report["rows_out"]) == (11, 5)
     kept = [(r["messages"][-1]["content"], r["reference"]) for r in prepared.rows("train")]

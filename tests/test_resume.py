@@ -143,9 +143,9 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, llama, data):
 
 
 def test_nan_steps_are_skipped_then_stop(tmp_path, llama, data, monkeypatch, capsys):
-    from tunesmith.train import loop
+    from tunesmith.train import objective
 
-    real_step = loop.train_step
+    real_step = objective.train_step
     calls = {"n": 0}
 
     def poisoned(model, batches, *args, **kwargs):
@@ -157,7 +157,7 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, llama, data, monkeypatch, cap
                     parameter.grad.fill_(float("nan"))
         return loss
 
-    monkeypatch.setattr(loop, "train_step", poisoned)
+    monkeypatch.setattr(objective, "train_step", poisoned)
     out = tmp_path / "run"
     code = main(flags(llama, data, out, 20, "--train.max_bad_steps", 3))
     err = capsys.readouterr().err

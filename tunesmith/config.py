@@ -60,7 +60,7 @@ class CleanConfig(Section):
 
 # Fields a data.columns mapping may fill, by the row shape that reads them.
 COLUMN_TARGETS = ("instruction", "input", "output", "question", "answer", "prompt", "completion",
-                  "response", "messages", "conversations", "text", "system")
+                  "response", "messages", "conversations", "text", "system", "chosen", "rejected", "label")
 
 
 class DataConfig(Section):
@@ -69,9 +69,11 @@ class DataConfig(Section):
                              "datasets folder written by save_to_disk")
     val_path: str | None = Field(None, description="explicit validation file (else split from path)")
     test_path: str | None = Field(None, description="explicit test file (else split from path)")
-    format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text"] = Field(
+    format: Literal["auto", "alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text",
+                    "preference", "hh", "kto"] = Field(
         "auto", description="row shape; auto detects it from the keys and says which it chose; "
-        "text: continued pre-training on raw documents, every token trained on")
+        "text: continued pre-training on raw documents, every token trained on; preference: "
+        "prompt/chosen/rejected; hh: full chosen/rejected conversations; kto: prompt/completion/label")
     columns: dict[str, str] | None = Field(None, description="our field <- your column: {question: "
                                            "Description, answer: Doctor} (flags: --data.columns.question "
                                            "Description)")
@@ -171,6 +173,27 @@ class PromptAdapterConfig(Section):
     layers: int | None = Field(None, ge=1, description="adapter: top layers that get prompts (default: all)")
 
 
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+WEIGHT_METHODS = ("lora", "full", "qlora", "dora", "adapter")
+# beta of each preference method when preference.beta is unset (the papers' usual values)
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+
+
+class PreferenceConfig(Section):
+    weights: Literal["lora", "qlora", "dora", "full"] = Field(
+        "lora", description="method dpo/orpo/simpo/kto: which weights train (lora, qlora, dora, or all: full)")
+    beta: float | None = Field(None, gt=0, description="strength of the preference: DPO/KTO's KL weight, "
+                               "ORPO's odds-ratio weight, SimPO's reward scale (default: dpo 0.1, orpo 0.1, "
+                               "simpo 2.0, kto 0.1)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO paper), ipo (squared, from the IPO paper) or hinge")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo sigmoid: assumed share of pairs "
+                                   "whose labels are flipped (conservative DPO)")
+    gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin between chosen and rejected")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on desirable answers")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable answers")
+
+
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="test rows to generate answers for")
     max_new_tokens: int | None = Field(None, ge=1, description="answer length cap (default: from references)")
@@ -207,9 +230,13 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     model: str = Field(DEFAULT_MODEL, description="alias, local HF directory, .gguf file, or hub id")
-    method: Literal["lora", "full", "qlora", "dora", "adapter"] = Field(
+    method: Literal["lora", "full", "qlora", "dora", "adapter", "dpo", "orpo", "simpo", "kto"] = Field(
         "lora", description="lora (low-rank adapter) | full (all weights) | qlora (LoRA on a 4-bit base) | "
-        "dora (weight-decomposed LoRA) | adapter (LLaMA-Adapter prompts; llama, mistral, gpt2)")
+        "dora (weight-decomposed LoRA) | adapter (LLaMA-Adapter prompts; llama, mistral, gpt2) | "
+        "preference tuning on chosen/rejected pairs: dpo | orpo | simpo | kto (weights: preference.weights)")
+    init_from: str | None = Field(None, description="start from a finished run's model (its final/ "
+                                  "adapter merged into the base, or its full weights), e.g. an SFT run "
+                                  "before dpo; the reference model of dpo/kto is that starting point")
     name: str | None = Field(None, description="run name (default: from the data file)")
     out_dir: str | None = Field(None, description="run directory (default: out/<name>)")
     resume: bool | str = Field(False, description="finetune: continue from the latest complete step-* "
@@ -219,7 +246,22 @@ class RunConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     qlora: QloraConfig = Field(default_factory=QloraConfig)
     adapter: PromptAdapterConfig = Field(default_factory=PromptAdapterConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def weights(self) -> str:
+        """Which weights train: the method itself, or preference.weights for a preference method."""
+        return self.preference.weights if self.method in PREFERENCE_METHODS else self.method
+
+    @property
+    def objective(self) -> str:
+        """What the loss is: sft (next-token cross-entropy on responses) or a preference method."""
+        return self.method if self.method in PREFERENCE_METHODS else "sft"
+
+    @property
+    def beta(self) -> float:
+        return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA.get(self.method, 0.1)
 
     @property
     def run_dir(self) -> Path:
@@ -238,7 +280,7 @@ def _default_name(path: str | None) -> str:
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "lora": LoraConfig, "qlora": QloraConfig,
-            "adapter": PromptAdapterConfig, "eval": EvalConfig}
+            "adapter": PromptAdapterConfig, "preference": PreferenceConfig, "eval": EvalConfig}
 
 
 def field_docs() -> list[tuple[str, str, str]]:
@@ -429,10 +471,35 @@ def semantic_problems(values: _Lookup) -> list[str]:
     clip = values.get("train.grad_clip")
     if _all((int, float), clip) and clip <= 0:
         problems.append(f"train.grad_clip={clip} must be above 0 (set it to null to turn clipping off)")
+    problems += _method_problems(values)
+    return problems
+
+
+def _method_problems(values: _Lookup) -> list[str]:
+    problems = []
     method = values.get("method")
-    if values.get("train.strategy") == "fsdp" and isinstance(method, str) and method != "full":
+    if not isinstance(method, str):
+        return problems
+    preference = method in PREFERENCE_METHODS
+    weights = values.get("preference.weights") if preference else method
+    if values.get("train.strategy") == "fsdp" and preference:
+        problems.append(f"train.strategy=fsdp is for supervised full fine-tunes; method={method} runs on "
+                        "ddp (use train.strategy=ddp)")
+    elif values.get("train.strategy") == "fsdp" and weights != "full":
         problems.append(f"train.strategy=fsdp shards a full fine-tune; method={method} trains small adapters "
                         "that every process can hold whole: use train.strategy=ddp")
+    data_format = values.get("data.format")
+    pair_formats, sft_formats = ("preference", "hh"), ("alpaca", "qa", "prompt_completion", "messages",
+                                                       "sharegpt", "text")
+    if preference and method != "kto" and data_format in sft_formats + ("kto",):
+        problems.append(f"data.format={data_format} has no rejected answers; method={method} needs pairs "
+                        "(data.format preference or hh, or auto)")
+    if method == "kto" and data_format in sft_formats:
+        problems.append(f"data.format={data_format} has no labels; method=kto needs data.format kto, "
+                        "preference or hh (pairs count as one desirable and one undesirable answer)")
+    if not preference and data_format in pair_formats + ("kto",):
+        problems.append(f"data.format={data_format} is preference data; train it with method dpo, orpo, "
+                        "simpo or kto")
     return problems
 
 

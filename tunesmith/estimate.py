@@ -155,14 +155,14 @@ def lora_targets(inv: Inventory, target_modules: str | list[str]) -> list[Linear
 
 
 def trainable_params(config: RunConfig, inv: Inventory) -> int:
-    if config.method == "full":
+    if config.weights == "full":
         return inv.total
-    if config.method == "adapter":
+    if config.weights == "adapter":
         layers = min(config.adapter.layers or inv.shape.layers, inv.shape.layers)
         return layers * (config.adapter.length * inv.shape.hidden + 1)  # prompt tokens + a zero-init gate
     targets = lora_targets(inv, config.lora.target_modules)
     count = sum(config.lora.r * (lin.fan_in + lin.fan_out) for lin in targets)
-    if config.method == "dora":
+    if config.weights == "dora":
         count += sum(lin.fan_out for lin in targets)  # one magnitude per output row
     return count
 
@@ -191,20 +191,20 @@ def optimizer_bytes(name: str, config: RunConfig, inv: Inventory, trainable: int
 def trained_shapes(config: RunConfig, inv: Inventory) -> list[tuple[int, int]]:
     """(rows, cols) of each trained tensor, for the optimizers whose state depends on shapes."""
     shape = inv.shape
-    if config.method == "full":
+    if config.weights == "full":
         shapes = [(lin.fan_out, lin.fan_in) for lin in inv.linears]
         shapes.append((shape.vocab, shape.hidden))
         if not shape.tied:
             shapes.append((shape.vocab, shape.hidden))
         shapes += [(shape.hidden, 1)] * (2 * shape.layers + 1)  # norm scales
         return shapes
-    if config.method == "adapter":
+    if config.weights == "adapter":
         layers = min(config.adapter.layers or shape.layers, shape.layers)
         return [(config.adapter.length, shape.hidden), (1, 1)] * layers
     shapes = []
     for lin in lora_targets(inv, config.lora.target_modules):
         shapes += [(config.lora.r, lin.fan_in), (lin.fan_out, config.lora.r)]
-        if config.method == "dora":
+        if config.weights == "dora":
             shapes.append((lin.fan_out, 1))
     return shapes
 
@@ -213,10 +213,10 @@ def weight_bytes(config: RunConfig, inv: Inventory, trainable: int, dtype: torch
     """(bytes of all weights, bytes saved by 4-bit storage)."""
     from tunesmith.model.quantize import quantized_bytes
 
-    if config.method == "full":
+    if config.weights == "full":
         return 4.0 * inv.total, 0.0  # fp32 master weights
     frozen_bytes = BYTES[dtype]
-    if config.method != "qlora":
+    if config.weights != "qlora":
         return frozen_bytes * inv.total + 4.0 * trainable, 0.0
     body = sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.in_body)
     packed = sum(quantized_bytes(lin.fan_in * lin.fan_out, config.qlora.double_quant)
@@ -229,9 +229,9 @@ def activation_floats_per_token(config: RunConfig, inv: Inventory, device: str) 
     s = inv.shape
     d, kv, i = s.hidden, s.kv_width, s.intermediate
     every_layer = 4 * d + 2 * kv + 3 * i
-    if config.method == "full":
+    if config.weights == "full":
         per_layer, final = every_layer + (3 * d + i) + 2 * d, 4 * d
-    elif config.method == "adapter":
+    elif config.weights == "adapter":
         per_layer = every_layer + d + 3 * s.heads * config.adapter.length
         final = 2 * d
     else:
@@ -255,7 +255,7 @@ def lora_extra(config: RunConfig, inv: Inventory, device: str) -> float:
         s = inv.shape
         extra = min(fan_in, 3 * s.hidden + s.intermediate)
     extra += share * config.lora.r
-    if config.method == "dora":
+    if config.weights == "dora":
         extra += 2 * fan_out
     return extra
 
@@ -302,7 +302,7 @@ def flops_per_token(config: RunConfig, inv: Inventory, trainable: int) -> float:
     s = inv.shape
     embed = s.vocab * s.hidden
     body = inv.total - embed - (0 if s.tied else inv.head_params)
-    if config.method == "full":
+    if config.weights == "full":
         body_flops = 6 * body
         head = 6 * inv.head_params
     else:

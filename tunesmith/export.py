@@ -69,7 +69,7 @@ def model_config_dir(source: Path) -> tuple[Path, Path | None, object | None]:
     run_config = config_module.load(folder / "config.yaml")
     if not checkpoint.is_adapter(folder):
         return folder, folder, run_config
-    if run_config.method == "adapter":
+    if run_config.weights == "adapter":
         raise ExportError(f"{folder} holds LLaMA-Adapter prompts, which llama.cpp cannot run; "
                           "export a lora, qlora, dora or full run")
     base = resolve(run_config.model)

@@ -40,7 +40,7 @@ def lora_source(source_path: Path) -> Source:
         raise ExportError(f"{folder} is not an adapter run: --format gguf-lora needs a lora or qlora run "
                           "(export a full fine-tune with --format gguf)")
     source = load_source(source_path)
-    if source.run_config.method not in ("lora", "qlora"):
+    if source.run_config.weights not in ("lora", "qlora"):
         raise ExportError(f"llama.cpp's LoRA format holds plain LoRA weights; a {source.run_config.method} adapter "
                           "cannot be written as one: use --format gguf (merged)")
     return source

@@ -25,6 +25,8 @@ from tunesmith.train import checkpoint, distributed, loop
 
 def finetune(config: RunConfig) -> loop.TrainResult:
     run_dir = config.run_dir
+    if config.init_from:  # the starting point becomes this run's model: chat, merge and export use it
+        config = config.model_copy(update={"model": str(starting_model(config))})
     location = resolve(config.model)
     tokenizer = load_tokenizer(location)
     # Pin the template 'auto' chose, so checkpoints generate with exactly the training format.
@@ -50,9 +52,11 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     model = load_for_training(location, config, str(device), dtype)
     model = prepare_for_training(model, config, dtype)
     trainable, total = count_parameters(model)
-    say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({config.method})")
+    weights = f"{config.method} on {config.weights}" if config.objective != "sft" else config.method
+    say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({weights})")
     try:
-        result = loop.run(model, tokenizer, config, prepared.splits, device, dtype, resume_from, group)
+        objective = make_objective(model, config, prepared, device, dtype, group)
+        result = loop.run(model, tokenizer, config, objective, device, dtype, resume_from, group)
     finally:
         distributed.stop(group)
     if group.is_main:
@@ -61,6 +65,47 @@ def finetune(config: RunConfig) -> loop.TrainResult:
 
         write_report(config)  # curves and diagnosis now; `evaluate` adds its results to it
     return result
+
+
+def make_objective(model, config: RunConfig, prepared, device, dtype, group):
+    """What the steps minimise: supervised cross-entropy, or a preference loss (whose full fine-tunes get
+    their reference log-probs now, from the weights as loaded, before any step or resume)."""
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if config.objective == "sft":
+        from tunesmith.train.objective import Supervised
+
+        return Supervised(prepared.splits, config.train, device, autocast, group)
+    from tunesmith.train import preference
+
+    objective = preference.objective_for(config, prepared.splits, device, autocast, group)
+    if objective.settings.uses_reference and config.weights == "full":
+        objective.references = preference.load_or_compute_references(
+            model, objective, prepared.folder, {"data": prepared.manifest["key"], "model": config.model})
+    return objective
+
+
+def starting_model(config: RunConfig) -> Path:
+    """init_from: a finished run's model as a plain model directory: its full weights, or its adapter
+    merged into its base once (kept in <this run>/init-model, reused while the source is unchanged)."""
+    from tunesmith.merge import MergeError, merge_run
+
+    source = Path(config.init_from)
+    try:
+        folder = checkpoint.pick(source)
+    except TunesmithError as err:
+        raise ConfigError(f"init_from={config.init_from}: {err}") from None
+    saved = config_module.load(folder / "config.yaml")
+    if saved.weights == "full":
+        return folder.resolve()
+    target = (config.run_dir / "init-model").resolve()
+    info = target / "merge_info.json"
+    if info.is_file() and json.loads(info.read_text()).get("source") == str(folder.resolve()) \
+            and (folder / "adapter_model.safetensors").stat().st_mtime <= info.stat().st_mtime:
+        return target
+    try:
+        return merge_run(source, target)
+    except MergeError as err:
+        raise ConfigError(f"init_from={config.init_from}: {err}") from None
 
 
 def launch_ranks(config: RunConfig) -> int:
@@ -75,8 +120,8 @@ def launch_ranks(config: RunConfig) -> int:
 
 
 # Keys that must match between a checkpoint and the run resuming it (they shape data and model).
-MUST_MATCH = ("model", "method", "data", "lora", "qlora", "adapter", "train.batch_size", "train.micro_batch_size",
-              "train.seed", "train.strategy")
+MUST_MATCH = ("model", "method", "data", "lora", "qlora", "adapter", "preference", "init_from", "train.batch_size",
+              "train.micro_batch_size", "train.seed", "train.strategy")
 
 
 def resume_point(config: RunConfig) -> Path | None:

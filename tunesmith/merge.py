@@ -33,7 +33,7 @@ class MergeError(TunesmithError):
 def base_for(run_config: RunConfig, device: str = "cpu"):
     """The base weights an adapter of this run was trained against, in fp32."""
     location = resolve(run_config.model)
-    if run_config.method == "qlora":
+    if run_config.weights == "qlora":
         from tunesmith.model.quantize import dequantize, load_quantized
 
         return dequantize(load_quantized(location, run_config.qlora, torch.float32, device))
@@ -45,7 +45,7 @@ def load_tuned(folder: Path, run_config: RunConfig, device: str = "cpu"):
     weight update (lora, dora, qlora), wrapped by PEFT where it is not (prompt adapters)."""
     from peft import PeftModel
 
-    if run_config.method == "adapter":
+    if run_config.weights == "adapter":
         return PeftModel.from_pretrained(base_for(run_config, device), str(folder))
     return merged_model(folder, run_config, device)
 
@@ -54,9 +54,9 @@ def merged_model(folder: Path, run_config: RunConfig, device: str = "cpu"):
     """Base + adapter folded into plain weights; raises MergeError when any merged weight is not finite."""
     from peft import PeftModel
 
-    if run_config.method == "full":
+    if run_config.weights == "full":
         raise MergeError(f"{folder} is a full fine-tune: it already is a complete model directory, nothing to merge")
-    if run_config.method == "adapter" or not checkpoint.is_adapter(folder):
+    if run_config.weights == "adapter" or not checkpoint.is_adapter(folder):
         raise MergeError(f"{folder} holds {run_config.method!r} weights that are not a weight update "
                          "(LLaMA-Adapter prompts add attention to learned tokens); only lora, dora and qlora "
                          "adapters can be folded into the base")

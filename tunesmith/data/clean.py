@@ -3,7 +3,9 @@
     empty_fields       rows with an empty prompt or response (drop_empty)
     whitespace         CRLF, trailing spaces, NBSP / zero-width characters, runs of blank lines
     prefixes           configured prefixes ("Q. ", "A: ") cut from the start of messages
-    boilerplate        rows whose response contains a canned phrase ("As an AI language model")
+    identical_pairs    preference pairs whose chosen and rejected answers are the same (nothing to learn)
+    boilerplate        rows whose response contains a canned phrase ("As an AI language model"); in
+                       preference data only the chosen / desirable answer is looked at
     exact_duplicates   the same prompt and response again (case, spacing, punctuation ignored)
     near_duplicates    prompt and response both nearly the same (MinHash, see dedup.py)
 
@@ -17,9 +19,10 @@ import re
 from dataclasses import dataclass, field, replace
 
 from tunesmith.data import dedup
-from tunesmith.data.formats import SHAPES, Example, to_example
+from tunesmith.data.formats import PREFERENCE_FORMATS, SHAPES, Example, to_example
 
-STEPS = ("empty_fields", "whitespace", "prefixes", "boilerplate", "exact_duplicates", "near_duplicates")
+STEPS = ("empty_fields", "whitespace", "prefixes", "identical_pairs", "boilerplate", "exact_duplicates",
+         "near_duplicates")
 SAMPLES_PER_STEP = 3
 ODD_SPACES = str.maketrans({"\u00a0": " ", "\u2007": " ", "\u202f": " ", "\u3000": " ",
                             "\u200b": None, "\u200c": None, "\u200d": None, "\u2060": None, "\ufeff": None})
@@ -63,6 +66,10 @@ def empty_fields(row: dict, fmt: str) -> list[str]:
         return ["last answer"] if content is None or (isinstance(content, str) and not content.strip()) else []
     if fmt == "text":
         return [] if _filled(row.get("text")) else ["text"]
+    if fmt in PREFERENCE_FORMATS:
+        keys = {"preference": ("prompt", "chosen", "rejected"), "hh": ("chosen", "rejected"),
+                "kto": ("prompt", "completion")}[fmt]
+        return [k for k in keys if not _filled(row.get(k))]
     for name, prompt_key, _, response_key in SHAPES:
         if name == fmt and prompt_key in row and response_key in row:
             return [k for k in (prompt_key, response_key) if not _filled(row.get(k))]
@@ -104,13 +111,16 @@ def strip_prefixes(text: str, prefixes: list[str]) -> str:
 
 def _rewrite(example: Example, change) -> Example:
     messages = [{**m, "content": change(m["content"])} for m in example.messages]
+    rejected = change(example.rejected) if example.rejected is not None else None
     return replace(example, messages=messages, instruction=change(example.instruction),
-                   input=change(example.input))
+                   input=change(example.input), rejected=rejected)
 
 
 def boilerplate_phrase(example: Example, phrases: list[str]) -> str | None:
     """The first canned phrase found in an assistant turn (apostrophe style and case ignored)."""
     lowered = [p.casefold().translate(APOSTROPHES) for p in phrases if p]
+    if example.label is False:
+        return None  # an undesirable answer is meant to be bad
     for message in example.messages:
         if message["role"] != "assistant":
             continue
@@ -128,7 +138,7 @@ def clean(examples: list[Example], settings, report: Report, fmt: str = "") -> l
     for example in examples:
         if settings.whitespace:
             tidy = _rewrite(example, normalize_whitespace)
-            if tidy.messages != example.messages:
+            if tidy.messages != example.messages or tidy.rejected != example.rejected:
                 report.note("whitespace", example.where, example.reference)
             example = tidy
         if settings.strip_prefixes:
@@ -136,8 +146,12 @@ def clean(examples: list[Example], settings, report: Report, fmt: str = "") -> l
             if stripped.messages != example.messages:
                 report.note("prefixes", example.where, example.messages[0]["content"])
             example = stripped
-        if any(not m["content"].strip() for m in example.messages if m["role"] == "assistant"):
+        if any(not m["content"].strip() for m in example.messages if m["role"] == "assistant") \
+                or (example.rejected is not None and not example.rejected.strip()):
             report.note("empty_fields", example.where, example.messages[0]["content"], "empty after cleaning")
+            continue
+        if example.rejected is not None and dedup.normalized(example.rejected) == dedup.normalized(example.reference):
+            report.note("identical_pairs", example.where, example.reference, "chosen = rejected")
             continue
         phrase = None if fmt == "text" else boilerplate_phrase(example, settings.drop_phrases)
         if phrase:

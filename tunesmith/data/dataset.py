@@ -2,6 +2,7 @@
 
     tokens.safetensors   input_ids (n_tokens,) int32, supervised (n_tokens,) uint8,
                          offsets (n_examples + 1,) int64: example i is [offsets[i], offsets[i+1])
+                         labels (n_examples,) int8, preference data only: 1 chosen / desirable, 0 not
     rows.jsonl           per example: prompt messages, reference answer, source file:line
 """
 
@@ -20,6 +21,7 @@ class TokenizedSplit:
     input_ids: torch.Tensor  # (n_tokens,) int32
     supervised: torch.Tensor  # (n_tokens,) bool: True where the token is a training target
     offsets: torch.Tensor  # (n_examples + 1,) int64
+    labels: torch.Tensor | None = None  # (n_examples,) int8 for preference data: 1 chosen/desirable, 0 not
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -41,22 +43,27 @@ class TokenizedSplit:
         return counts - self.supervised[self.offsets[:-1]].long()
 
     @classmethod
-    def from_lists(cls, ids: list[list[int]], supervised: list[list[bool]]) -> "TokenizedSplit":
+    def from_lists(cls, ids: list[list[int]], supervised: list[list[bool]],
+                   labels: list[bool] | None = None) -> "TokenizedSplit":
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         flat_ids = torch.tensor([t for row in ids for t in row], dtype=torch.int32)
         flat_sup = torch.tensor([s for row in supervised for s in row], dtype=torch.bool)
-        return cls(flat_ids, flat_sup, offsets)
+        label_tensor = torch.tensor(labels, dtype=torch.int8) if labels is not None else None
+        return cls(flat_ids, flat_sup, offsets, label_tensor)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"input_ids": self.input_ids.contiguous(), "supervised": self.supervised.to(torch.uint8),
-                   "offsets": self.offsets}, str(folder / "tokens.safetensors"))
+        tensors = {"input_ids": self.input_ids.contiguous(), "supervised": self.supervised.to(torch.uint8),
+                   "offsets": self.offsets}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
+        save_file(tensors, str(folder / "tokens.safetensors"))
 
     @classmethod
     def load(cls, folder: Path) -> "TokenizedSplit":
         tensors = load_file(str(folder / "tokens.safetensors"))
-        return cls(tensors["input_ids"], tensors["supervised"].bool(), tensors["offsets"])
+        return cls(tensors["input_ids"], tensors["supervised"].bool(), tensors["offsets"], tensors.get("labels"))
 
 
 def write_rows(folder: Path, rows: list[dict]) -> None:

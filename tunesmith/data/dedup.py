@@ -35,7 +35,13 @@ def normalized(text: str) -> str:
 
 
 def exact_key(example: Example) -> str:
-    return "\x1f".join(f"{m['role']}:{normalized(m['content'])}" for m in example.messages)
+    """Preference rows are the same row only with the same rejected answer (or label) too."""
+    turns = [f"{m['role']}:{normalized(m['content'])}" for m in example.messages]
+    if example.rejected is not None:
+        turns.append(f"rejected:{normalized(example.rejected)}")
+    if example.label is not None:
+        turns.append(f"label:{example.label}")
+    return "\x1f".join(turns)
 
 
 def shingles(text: str) -> frozenset[str]:
@@ -49,7 +55,10 @@ def shingles(text: str) -> frozenset[str]:
 def fields(example: Example) -> tuple[frozenset[str], frozenset[str]]:
     """(prompt shingles, response shingles): the prompt is every turn before the last answer."""
     prompt = "\n".join(m["content"] for m in example.messages[:-1])
-    return shingles(prompt), shingles(example.messages[-1]["content"])
+    response = example.messages[-1]["content"]
+    if example.rejected is not None:  # a pair repeats another only if both answers do
+        response += "\n" + example.rejected
+    return shingles(prompt), shingles(response)
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:

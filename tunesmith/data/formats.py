@@ -21,7 +21,9 @@ SHAPES = [
     ("prompt_completion", "instruction", None, "response"),
     ("prompt_completion", "input", None, "output"),
 ]
-FORMATS = ("alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text")
+FORMATS = ("alpaca", "qa", "prompt_completion", "messages", "sharegpt", "text", "preference", "hh", "kto")
+PAIR_FORMATS = ("preference", "hh")  # a prompt with a chosen and a rejected answer
+PREFERENCE_FORMATS = PAIR_FORMATS + ("kto",)  # kto: one answer labelled desirable or not
 ROLES = {"system", "user", "assistant"}
 # ShareGPT speakers ("from") and the chat role each one is.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -35,6 +37,8 @@ class Example:
     input: str = ""
     where: str = ""  # "file:line", for error messages and per-row results
     extra: dict = field(default_factory=dict)  # other fields of the row, kept for analysis
+    rejected: str | None = None  # preference pairs: the worse answer (the last message is the chosen one)
+    label: bool | None = None  # kto: is the answer (the last message) desirable
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -96,6 +100,10 @@ def detect_format(rows: list[tuple[dict, str]], source: str) -> str:
     if not rows:
         raise DataError(f"{source}: no rows")
     keys = set(rows[0][0])
+    if "chosen" in keys and "rejected" in keys:
+        return "preference" if "prompt" in keys else "hh"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -107,11 +115,16 @@ def detect_format(rows: list[tuple[dict, str]], source: str) -> str:
         return "text"
     raise DataError(f"{rows[0][1]}: cannot tell the data format from the keys {sorted(keys)}; expected "
                     "instruction/input/output, question/answer, prompt/completion, "
-                    "instruction/response, input/output, messages, conversations (ShareGPT) or text "
+                    "instruction/response, input/output, messages, conversations (ShareGPT) or text; "
+                    "for preference tuning prompt/chosen/rejected, chosen/rejected or prompt/completion/label "
                     "(or set data.format, or map your columns with data.columns)")
 
 
 def to_example(row: dict, where: str, fmt: str) -> Example:
+    if fmt in PREFERENCE_FORMATS:
+        from tunesmith.data.pairs import to_preference_example
+
+        return to_preference_example(row, where, fmt)
     if fmt == "messages":
         return _from_messages(row, where)
     if fmt == "sharegpt":

@@ -20,6 +20,7 @@ from tunesmith.data import sources
 from tunesmith.data.dataset import TokenizedSplit, read_rows, write_rows
 from tunesmith.data.formats import Example
 from tunesmith.data.gather import Gathered, gather
+from tunesmith.data.pairs import check_format, tokenize_preference
 from tunesmith.data.templates import Encoder, Template, choose, pieces, prompt_text
 from tunesmith.data.text import pack_documents, within_length_limits
 from tunesmith.errors import DataError
@@ -65,6 +66,8 @@ def data_key(config: RunConfig, tokenizer) -> dict:
               if getattr(data, k)}
     settings = data.model_dump(exclude={"path", "val_path", "test_path"})
     settings["template"] = choose(data.template, tokenizer, data.system_prompt).spec  # auto, resolved
+    if config.objective != "sft":  # pairs and KTO answers are laid out differently
+        settings["objective"] = config.objective
     return {"version": FORMAT_VERSION, "sources": hashes, "settings": settings,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
 
@@ -92,13 +95,16 @@ def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:
     template = dataclasses.replace(template, last_turn_only=data.assistant_turns == "last")
     gathered = gather(config)
     examples, formats = gathered.examples, gathered.formats
+    for source_key, source in gathered.sources.items():
+        split = "train" if source_key == "path" else source_key.removesuffix("_path")
+        check_format(formats[split], config.objective, f"data.{source_key} ({source['path']})")
     say(f"Data format: {', '.join(sorted(set(formats.values())))} "
         f"({'detected from the keys' if data.format == 'auto' else 'as configured'}); "
         f"template: {'none (text blocks)' if gathered.format == 'text' else template.describe}")
     for line in cleaning_lines(gathered):
         say(line)
-    tokenized = {name: tokenize_split(examples[name], gathered.format, template, tokenizer, data)
-                 for name in SPLITS}
+    tokenized = {name: tokenize_split(examples[name], formats[name], template, tokenizer, data,
+                                      config.objective) for name in SPLITS}
     counts = {name: stats for name, (_, _, stats) in tokenized.items()}
     splits = {name: split for name, (split, _, _) in tokenized.items()}
     total_kept = sum(c["examples"] for c in counts.values())
@@ -157,8 +163,11 @@ def split_examples(config: RunConfig) -> tuple[dict[str, list[Example]], dict[st
     return gathered.examples, gathered.formats
 
 
-def tokenize_split(examples: list[Example], fmt: str, template: Template, tokenizer, data
+def tokenize_split(examples: list[Example], fmt: str, template: Template, tokenizer, data, objective: str = "sft"
                    ) -> tuple[TokenizedSplit, list[dict], dict]:
+    if objective != "sft":
+        return tokenize_preference(examples, fmt, objective, template, tokenizer, data.max_seq_length,
+                                   data.clean.min_tokens, data.clean.max_tokens)
     encoder = Encoder(tokenizer)
     if fmt == "text":
         return pack_documents(examples, encoder, tokenizer, data.max_seq_length, data.clean.min_tokens,
@@ -198,11 +207,13 @@ def summary_lines(prepared: Prepared) -> list[str]:
     lines = []
     for name in SPLITS:
         c = prepared.manifest["counts"][name]
-        line = (f"  {name:5} {c['examples']:6d} examples  {c['tokens']:8d} tokens  "
+        unit = "pairs" if "chosen_longer" in c and c.get("chosen_tokens") else "examples"
+        line = (f"  {name:5} {c['examples']:6d} {unit:8} {c['tokens']:8d} tokens  "
                 f"{c['supervised_tokens']:7d} trained-on")
         notes = []
         if c["truncated"]:
             notes.append(f"{c['truncated']} truncated at {prepared.manifest['max_seq_length']} tokens")
+        notes += pair_notes(c)
         if c["dropped_no_response"]:
             notes.append(f"{c['dropped_no_response']} dropped (response truncated away)")
         if c.get("too_short") or c.get("too_long"):
@@ -210,6 +221,21 @@ def summary_lines(prepared: Prepared) -> list[str]:
                          "dropped")
         lines.append(line + (f"  ({'; '.join(notes)})" if notes else ""))
     return lines
+
+
+def pair_notes(counts: dict) -> list[str]:
+    """Preference splits: which side was truncated, and whether chosen answers are simply longer
+    (a model can learn 'longer wins' instead of the preference)."""
+    if "chosen_longer" not in counts:
+        return []  # supervised data
+    if not counts["chosen_tokens"]:  # kto answers
+        return [f"{counts['desirable']} desirable, {counts['undesirable']} undesirable answers"]
+    pairs = counts["examples"]
+    notes = [f"chosen longer in {100 * counts['chosen_longer'] / pairs:.0f}% of pairs, "
+             f"{counts['chosen_tokens'] / pairs:.0f} vs {counts['rejected_tokens'] / pairs:.0f} answer tokens"]
+    if counts["truncated_chosen"] or counts["truncated_rejected"]:
+        notes.append(f"cut: {counts['truncated_chosen']} chosen, {counts['truncated_rejected']} rejected")
+    return notes
 
 
 def main(config: RunConfig) -> int:

@@ -112,7 +112,7 @@ def load_models(base_spec: str | None, adapters: list[tuple[str, Path]], templat
         if (name, folder, run_config) not in shared:
             served[name] = _standalone(name, folder, run_config, device, precision)
     # PEFT runs a different LoRA adapter per row of one batch, but not DoRA ones
-    mixable = bool(shared) and all(config.method == "lora" for _, _, config in shared)
+    mixable = bool(shared) and all(config.weights == "lora" for _, _, config in shared)
     if shared:
         base.model = _attach(base.model, shared)
         for name, folder, run_config in shared:
@@ -134,7 +134,7 @@ def read_run_config(folder: Path):
 
 
 def _shares_base(folder: Path, run_config, base_location: Path | None) -> bool:
-    if run_config is None or run_config.method not in SHARED_METHODS or base_location is None:
+    if run_config is None or run_config.weights not in SHARED_METHODS or base_location is None:
         return False
     if not checkpoint.is_adapter(checkpoint.pick(folder)):
         return False

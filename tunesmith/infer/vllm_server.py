@@ -112,13 +112,13 @@ def lora_of(name: str, folder: Path, run_config, base_location) -> Lora:
         raise TunesmithError(f"--adapter {name}: {folder} is a whole model, not a run; vLLM serves one base per "
                              f"server: start another one with --model {folder}")
     adapter = checkpoint.pick(folder)
-    if run_config.method not in VLLM_METHODS or not checkpoint.is_adapter(adapter):
+    if run_config.weights not in VLLM_METHODS or not checkpoint.is_adapter(adapter):
         raise TunesmithError(f"--adapter {name}: vLLM serves LoRA adapters, and this is a {run_config.method} run; "
                              f"merge it (tunesmith merge {folder}) and serve the merged model with its own --model")
     run_base = resolve(run_config.model)
     if Path(str(run_base)).resolve() != Path(str(base_location)).resolve():
         raise TunesmithError(f"--adapter {name}: trained on {run_config.model}, not on the served base")
-    if run_config.method == "qlora":
+    if run_config.weights == "qlora":
         say(f"Note: {name} is a QLoRA run; vLLM applies it to the unquantized base")
     from tunesmith.model.portable_template import jinja_template
 

@@ -15,7 +15,7 @@ from tunesmith.errors import ConfigError
 
 def load_for_training(location, config: RunConfig, device: str, dtype: torch.dtype):
     """The base model as the method needs it: 4-bit body for qlora, fp32 weights otherwise."""
-    if config.method == "qlora":
+    if config.weights == "qlora":
         from tunesmith.model.quantize import load_quantized
 
         return load_quantized(location, config.qlora, dtype, device)
@@ -25,12 +25,12 @@ def load_for_training(location, config: RunConfig, device: str, dtype: torch.dty
 
 
 def prepare_for_training(model, config: RunConfig, dtype: torch.dtype):
-    if config.method == "full":
+    if config.weights == "full":
         model.requires_grad_(True)
         return model  # fp32 master weights; autocast runs the maths in dtype
     from peft import get_peft_model
 
-    if dtype != torch.float32 and config.method != "qlora":  # qlora loaded its frozen parts in dtype
+    if dtype != torch.float32 and config.weights != "qlora":  # qlora loaded its frozen parts in dtype
         model.to(dtype)
     model.requires_grad_(False)
     model = get_peft_model(model, peft_config(config, model))
@@ -50,7 +50,7 @@ def adapter_architectures() -> list[str]:
 def peft_config(config: RunConfig, model):
     from peft import AdaptionPromptConfig, LoraConfig
 
-    if config.method == "adapter":
+    if config.weights == "adapter":
         model_type = model.config.model_type
         if model_type not in adapter_architectures():
             raise ConfigError(f"method=adapter: {model_type} models are not supported by LLaMA-Adapter prompts "
@@ -62,7 +62,7 @@ def peft_config(config: RunConfig, model):
     refuse_output_layer(lora.target_modules, model)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
-                      use_dora=config.method == "dora")
+                      use_dora=config.weights == "dora")
 
 
 def refuse_output_layer(target_modules: str | list[str], model) -> None:

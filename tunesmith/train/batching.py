@@ -37,10 +37,14 @@ class PackedBatch:
 
 
 def pack(split: TokenizedSplit, indices: list[int]) -> PackedBatch:
+    return pack_sequences([split.example(index) for index in indices])
+
+
+def pack_sequences(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedBatch:
+    """(ids, supervised) pairs end to end in one row."""
     ids, positions, segments, predict_at, targets = [], [], [], [], []
     cursor = 0
-    for index in indices:
-        example_ids, supervised = split.example(index)
+    for example_ids, supervised in sequences:
         length = example_ids.shape[0]
         ids.append(example_ids)
         positions.append(torch.arange(length))

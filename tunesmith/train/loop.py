@@ -1,8 +1,12 @@
 """The training loop, top to bottom.
 
-One optimizer step = batch_size examples = accumulation_steps packed micro batches. The loss
-of every micro batch is its summed cross-entropy divided by the supervised-token count of the
-whole step, so gradients do not depend on how the step is split into micro batches.
+One optimizer step = batch_size units (examples, or preference pairs) = accumulation_steps packed
+micro batches. What a step minimises is the objective's business (train/objective.py): the
+supervised loss of every micro batch is its summed cross-entropy divided by the supervised-token
+count of the whole step, so gradients do not depend on how the step is split into micro batches.
+
+    run → _start (set up, restore) → per step: _optimizer_step → _log_window → _validate
+        → _checkpoint_or_stop → _finish (final/ checkpoint, totals)
 """
 
 from __future__ import annotations
@@ -20,16 +24,15 @@ import torch
 from tqdm import tqdm
 
 from tunesmith.config import RunConfig
-from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.errors import TunesmithError
 from tunesmith.log import say
 from tunesmith.train import checkpoint, distributed
-from tunesmith.train.attention import packed_attention
-from tunesmith.train.batching import PackedBatch, StepPlan, pack
+from tunesmith.train.batching import StepPlan
 from tunesmith.train.distributed import Group
 from tunesmith.train.flops import FlopModel, cached_peak_flops
-from tunesmith.train.loss import loss_sum, unwrap
+from tunesmith.train.loss import unwrap
 from tunesmith.train.metrics import MetricsLog
+from tunesmith.train.objective import train_step  # noqa: F401  (tests and benches import it from here)
 from tunesmith.train.optim import build_optimizer, lr_at
 
 
@@ -43,8 +46,9 @@ class Window:
     targets: int = 0
     flops: float = 0.0
     loss_sum: torch.Tensor | float = 0.0
+    extra_sums: dict = field(default_factory=dict)  # the objective's own figures (rewards, accuracy)
 
-    def add(self, batches: list[PackedBatch], step_loss: torch.Tensor, flop_model: FlopModel) -> None:
+    def add(self, batches: list, step_loss: torch.Tensor, flop_model: FlopModel, extra: dict | None = None) -> None:
         self.steps += 1
         for batch in batches:
             self.tokens += batch.n_tokens
@@ -52,13 +56,16 @@ class Window:
             self.flops += flop_model.step_flops(batch.n_tokens, batch.n_targets,
                                                 [end - start for start, end in batch.segments])
         self.loss_sum = self.loss_sum + step_loss
+        for key, value in (extra or {}).items():
+            self.extra_sums[key] = self.extra_sums.get(key, 0.0) + value
 
     def summary(self, peak_flops: float) -> dict:
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        return {"loss": float(self.loss_sum) / max(self.steps, 1),
-                "tokens_per_second": self.tokens / seconds,
+        steps = max(self.steps, 1)
+        return {"loss": float(self.loss_sum) / steps, "tokens_per_second": self.tokens / seconds,
                 "supervised_tokens_per_second": self.targets / seconds,
-                "mfu": self.flops / seconds / peak_flops, "seconds": seconds, "tokens": self.tokens}
+                "mfu": self.flops / seconds / peak_flops, "seconds": seconds, "tokens": self.tokens,
+                **{key: float(value) / steps for key, value in self.extra_sums.items()}}
 
 
 @dataclass
@@ -71,39 +78,6 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     stopped_early: bool
-
-
-def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int,
-               n_targets: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Forward and backward over one step's micro batches; returns the step's mean loss (a tensor).
-    n_targets: supervised tokens of the whole step (across all ranks); default: these batches'."""
-    if n_targets is None:
-        n_targets = sum(batch.n_targets for batch in batches)
-    step_loss = torch.zeros((), device=batches[0].input_ids.device)
-    for batch in batches:
-        with packed_attention(unwrap(model)):  # backward too: checkpointed layers recompute inside it
-            with autocast:
-                summed = loss_sum(model, batch, chunk_size)
-            (summed / n_targets).backward()
-        step_loss += summed.detach() / n_targets
-    return step_loss
-
-
-@torch.no_grad()
-def validation_loss(model, split: TokenizedSplit, config: RunConfig, autocast, device) -> float | None:
-    """Mean loss per supervised token over the first eval_iters micro batches (a fixed subset)."""
-    if len(split) == 0:
-        return None
-    model.eval()
-    size = config.train.micro_batch_size
-    total, targets = 0.0, 0
-    for start in range(0, min(len(split), size * config.train.eval_iters), size):
-        batch = pack(split, list(range(start, min(start + size, len(split))))).to(device)
-        with autocast, packed_attention(unwrap(model)):
-            total += float(loss_sum(model, batch, config.train.loss_chunk_size))
-        targets += batch.n_targets
-    model.train()
-    return total / max(targets, 1)
 
 
 @dataclass
@@ -156,10 +130,85 @@ def stop_requests():
             signal.signal(sig, old)
 
 
-def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], device: torch.device,
-        dtype: torch.dtype, resume_from: Path | None = None, group: Group = Group()) -> TrainResult:
-    train_cfg, run_dir = config.train, config.run_dir
-    plan = StepPlan.build(len(splits["train"]), train_cfg.batch_size, train_cfg.micro_batch_size,
+@dataclass
+class Run:
+    """What the parts of one training run share: the model and its optimizer, the objective, the
+    step plan, the progress so far, and where figures and checkpoints go."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    config: RunConfig
+    objective: object  # train/objective.py's interface
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    group: Group
+    sharded: bool
+    state: LoopState
+    metrics: MetricsLog | None
+    scalars: object | None
+    bar: tqdm | None = None
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def log(self, record: dict) -> None:
+        for sink in (self.metrics, self.scalars):
+            if sink is not None:
+                sink.write(record)
+
+    def save(self, folder: Path, kind: str, **extra) -> None:
+        snapshot = checkpoint.gather(self.model, self.optimizer if kind == "step" else None, self.group)  # every rank
+        if self.group.is_main:  # one writer; the others wait until the folder is complete
+            checkpoint.save(self.model, self.tokenizer, self.config, folder, self.state.to_dict(kind, **extra),
+                            snapshot)
+        self.group.barrier()
+
+
+def run(model, tokenizer, config: RunConfig, objective, device: torch.device, dtype: torch.dtype,
+        resume_from: Path | None = None, group: Group = Group()) -> TrainResult:
+    train_cfg = config.train
+    session = _start(model, tokenizer, config, objective, device, resume_from, group)
+    plan, state = session.plan, session.state
+    flop_model, peak = FlopModel.of(session.model), cached_peak_flops(device, dtype)
+    say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} {_unit_name(config)} "
+        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}"
+        f"{_ranks(session)}, {dtype}")
+    session.model.train()
+    stopped_early, stats = False, None
+    window, overall = Window(), Window()
+    session.bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
+                       mininterval=0.5, disable=not group.is_main)
+    with stop_requests() as stop:
+        for step in range(state.step, plan.total_steps):
+            lr = lr_at(step, plan.total_steps, train_cfg)
+            batches, step_loss, extra, grad_norm = _optimizer_step(session, step, lr)
+            done, last = state.step, state.step == plan.total_steps
+            if state.bad_steps_in_row == 0:
+                window.add(batches, step_loss, flop_model, extra)
+                overall.add(batches, step_loss.detach(), flop_model, extra)
+            if (done % train_cfg.log_interval == 0 or last) and window.steps:
+                stats = window.summary(peak)
+                _log_window(session, stats, lr, grad_norm)
+                window = Window()
+            if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
+                eval_started = time.perf_counter()
+                stopped_early = _validate(session, last)
+                paused = time.perf_counter() - eval_started  # throughput counts training time only
+                window.started += paused
+                overall.started += paused
+            _checkpoint_or_stop(session, stop["signal"], last)
+            session.bar.update(1)
+            if stopped_early:
+                break
+    return _finish(session, overall.summary(peak), stats, stopped_early)
+
+
+def _start(model, tokenizer, config: RunConfig, objective, device, resume_from: Path | None, group: Group) -> Run:
+    """Set the model up for training (checkpointing, compile, sharding), build the optimizer, restore
+    a checkpoint, and open the metric logs."""
+    train_cfg = config.train
+    plan = StepPlan.build(objective.units("train"), train_cfg.batch_size, train_cfg.micro_batch_size,
                           train_cfg.epochs, train_cfg.max_steps, train_cfg.seed)
     if train_cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -169,123 +218,117 @@ def run(model, tokenizer, config: RunConfig, splits: dict[str, TokenizedSplit], 
     if sharded:  # from here on `model` is the FSDP root: model and loss in one module
         model = distributed.shard(model, device)
     optimizer = build_optimizer(model, train_cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    flop_model, peak = FlopModel.of(model), cached_peak_flops(device, dtype)
     state = LoopState()
     if resume_from is not None:
         state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer, group))
         say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
     if not sharded:  # FSDP ranks each load the same weights, then keep only their shards
-        group.broadcast_parameters(trainable)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=state.step if resume_from else None) \
-        if group.is_main else None
-    scalars = _scalar_log(config, state.step if resume_from else None) if group.is_main else None
-    ranks = f" x {group.world_size} processes ({'fsdp' if sharded else 'ddp'})" if group.active else ""
-    say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} examples "
-        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}{ranks}, {dtype}")
+        group.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    kept = state.step if resume_from else None
+    metrics = MetricsLog(config.run_dir / "metrics.jsonl", keep_through_step=kept) if group.is_main else None
+    scalars = _scalar_log(config, kept) if group.is_main else None
+    return Run(model, tokenizer, config, objective, optimizer, plan, group, sharded, state, metrics, scalars)
 
-    def save_step(kind_folder: Path, kind: str, **extra) -> None:
-        snapshot = checkpoint.gather(model, optimizer if kind == "step" else None, group)  # every rank
-        if group.is_main:  # one writer; the others wait until the folder is complete
-            checkpoint.save(model, tokenizer, config, kind_folder, state.to_dict(kind, **extra), snapshot)
-        group.barrier()
 
-    def log(record: dict) -> None:
-        if metrics is not None:
-            metrics.write(record)
-        if scalars is not None:
-            scalars.write(record)
+def _optimizer_step(session: Run, step: int, lr: float):
+    """One optimizer step: this rank's micro batches forward and backward, gradients summed across
+    ranks and clipped, the update applied unless the loss or gradient is not finite."""
+    train_cfg, state, group, optimizer = session.config.train, session.state, session.group, session.optimizer
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    mine = group.share(session.plan.step_indices(step))  # this rank's units of the step
+    batches = [session.objective.batch("train", mine[i: i + train_cfg.micro_batch_size])
+               for i in range(0, len(mine), train_cfg.micro_batch_size)]
+    step_loss, extra = session.objective.step(session.model, batches)
+    trainable = session.trainable
+    if not session.sharded:  # FSDP has already summed each gradient into its owner's shard
+        group.sum_gradients(trainable)
+    grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf))
+    if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
+        optimizer.step()
+        state.bad_steps_in_row = 0
+    else:
+        state.bad_steps_in_row += 1
+        state.skipped_steps += 1
+        _note(session.bar, f"step {step + 1}: loss or gradient is not finite; step skipped "
+                           f"({state.bad_steps_in_row} in a row)")
+    optimizer.zero_grad(set_to_none=True)
+    state.step = step + 1
+    if state.bad_steps_in_row >= train_cfg.max_bad_steps:
+        _diverged(state, session.config.run_dir, train_cfg)
+    return batches, step_loss, extra, grad_norm
 
-    model.train()
-    stopped_early, stats = False, None
-    window, overall = Window(), Window()
-    bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
-               mininterval=0.5, disable=not group.is_main)
-    with stop_requests() as stop:
-        for step in range(state.step, plan.total_steps):
-            lr = lr_at(step, plan.total_steps, train_cfg)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            mine = group.share(plan.step_indices(step))  # this rank's examples of the step
-            batches = [pack(splits["train"], mine[i: i + train_cfg.micro_batch_size]).to(device)
-                       for i in range(0, len(mine), train_cfg.micro_batch_size)]
-            step_targets = group.sum(torch.tensor(sum(b.n_targets for b in batches), device=device))
-            step_loss = group.sum(train_step(model, batches, autocast, train_cfg.loss_chunk_size, step_targets))
-            if not sharded:  # FSDP has already summed each gradient into its owner's shard
-                group.sum_gradients(trainable)
-            grad_norm = distributed.full_value(
-                torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf))
-            if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
-                optimizer.step()
-                state.bad_steps_in_row = 0
-            else:
-                state.bad_steps_in_row += 1
-                state.skipped_steps += 1
-                _note(bar, f"step {step + 1}: loss or gradient is not finite; step skipped "
-                          f"({state.bad_steps_in_row} in a row)")
-            optimizer.zero_grad(set_to_none=True)
-            state.step = done = step + 1
-            if state.bad_steps_in_row >= train_cfg.max_bad_steps:
-                _diverged(state, run_dir, train_cfg)
-            if state.bad_steps_in_row == 0:
-                window.add(batches, step_loss, flop_model)
-                overall.add(batches, step_loss.detach(), flop_model)
 
-            last = done == plan.total_steps
-            if (done % train_cfg.log_interval == 0 or last) and window.steps:
-                stats = window.summary(peak)
-                log({"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"],
-                               "lr": lr, "grad_norm": float(grad_norm),
-                               "tokens_per_second": stats["tokens_per_second"], "mfu": stats["mfu"],
-                               "supervised_tokens_per_second": stats["supervised_tokens_per_second"],
-                               "skipped_steps": state.skipped_steps})
-                bar.set_postfix_str(f"loss {stats['loss']:.4f} lr {lr:.1e} "
-                                    f"{stats['tokens_per_second']:.0f} tok/s mfu {100 * stats['mfu']:.1f}%")
-                window = Window()
+def _log_window(session: Run, stats: dict, lr: float, grad_norm: torch.Tensor) -> None:
+    plan, done = session.plan, session.state.step
+    extra = {key: value for key, value in stats.items()
+             if key not in ("loss", "tokens_per_second", "supervised_tokens_per_second", "mfu", "seconds", "tokens")}
+    session.log({"step": done, "epoch": round(plan.epoch_at(done), 4), "loss": stats["loss"], "lr": lr,
+                 "grad_norm": float(grad_norm), "tokens_per_second": stats["tokens_per_second"],
+                 "mfu": stats["mfu"], "supervised_tokens_per_second": stats["supervised_tokens_per_second"],
+                 "skipped_steps": session.state.skipped_steps, **extra})
+    accuracy = f" acc {100 * extra['reward_accuracy']:.0f}%" if "reward_accuracy" in extra else ""
+    session.bar.set_postfix_str(f"loss {stats['loss']:.4f}{accuracy} lr {lr:.1e} "
+                                f"{stats['tokens_per_second']:.0f} tok/s mfu {100 * stats['mfu']:.1f}%")
 
-            if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
-                eval_started = time.perf_counter()
-                val = validation_loss(model, splits["val"], config, autocast, device)
-                if val is not None:
-                    log({"step": done, "val_loss": val})
-                    _note(bar, f"step {done}: validation loss {val:.4f}")
-                    if state.best_val is None or val < state.best_val:
-                        state.best_val, state.best_step, state.evals_without_gain = val, done, 0
-                        save_step(run_dir / "best", "best", val_loss=val)
-                    else:
-                        state.evals_without_gain += 1
-                    patience = train_cfg.early_stopping_patience
-                    if patience and state.evals_without_gain >= patience and not last:
-                        _note(bar, f"Early stopping at step {done}: no improvement for {patience} validation "
-                                  f"passes; best was {state.best_val:.4f} at step {state.best_step}")
-                        stopped_early = True
-                paused = time.perf_counter() - eval_started  # throughput counts training time only
-                window.started += paused
-                overall.started += paused
-            if stop["signal"] and not last:
-                folder = run_dir / f"step-{done:06d}"
-                save_step(folder, "step")
-                raise Interrupted(f"{stop['signal']} at step {done}: saved {folder}. Resume with: "
-                                  f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
-            if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
-                save_step(run_dir / f"step-{done:06d}", "step")
-                if group.is_main:
-                    checkpoint.prune(run_dir, train_cfg.save_total_limit)
-            bar.update(1)
-            if stopped_early:
-                break
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    if scalars is not None:
-        scalars.close()
 
-    totals = overall.summary(peak)
-    save_step(run_dir / "final", "final", train_loss=totals["loss"], best_val_loss=state.best_val)
+def _validate(session: Run, last: bool) -> bool:
+    """A validation pass: log it, keep best/, count passes without gain; True to stop early."""
+    state, train_cfg, done = session.state, session.config.train, session.state.step
+    figures = session.objective.validate(session.model)
+    if not figures:
+        return False
+    val = figures["val_loss"]
+    session.log({"step": done, **figures})
+    accuracy = f", preference accuracy {100 * figures['val_reward_accuracy']:.0f}%" \
+        if "val_reward_accuracy" in figures else ""
+    _note(session.bar, f"step {done}: validation loss {val:.4f}{accuracy}")
+    if state.best_val is None or val < state.best_val:
+        state.best_val, state.best_step, state.evals_without_gain = val, done, 0
+        session.save(session.config.run_dir / "best", "best", val_loss=val)
+    else:
+        state.evals_without_gain += 1
+    patience = train_cfg.early_stopping_patience
+    if patience and state.evals_without_gain >= patience and not last:
+        _note(session.bar, f"Early stopping at step {done}: no improvement for {patience} validation "
+                           f"passes; best was {state.best_val:.4f} at step {state.best_step}")
+        return True
+    return False
+
+
+def _checkpoint_or_stop(session: Run, stop_signal: str | None, last: bool) -> None:
+    """After a stop request: save a resumable checkpoint and stop; else the periodic step checkpoint."""
+    train_cfg, run_dir, done = session.config.train, session.config.run_dir, session.state.step
+    if stop_signal and not last:
+        folder = run_dir / f"step-{done:06d}"
+        session.save(folder, "step")
+        raise Interrupted(f"{stop_signal} at step {done}: saved {folder}. Resume with: "
+                          f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
+    if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
+        session.save(run_dir / f"step-{done:06d}", "step")
+        if session.group.is_main:
+            checkpoint.prune(run_dir, train_cfg.save_total_limit)
+
+
+def _finish(session: Run, totals: dict, stats: dict | None, stopped_early: bool) -> TrainResult:
+    session.bar.close()
+    for sink in (session.metrics, session.scalars):
+        if sink is not None:
+            sink.close()
+    state = session.state
+    session.save(session.config.run_dir / "final", "final", train_loss=totals["loss"], best_val_loss=state.best_val)
     final_loss = stats["loss"] if stats else totals["loss"]
     return TrainResult(state.step, totals["seconds"], totals["tokens"], totals["tokens_per_second"],
                        final_loss, state.best_val, state.best_step, stopped_early)
+
+
+def _unit_name(config: RunConfig) -> str:
+    return {"sft": "examples", "kto": "answers"}.get(config.objective, "pairs")
+
+
+def _ranks(session: Run) -> str:
+    group = session.group
+    return f" x {group.world_size} processes ({'fsdp' if session.sharded else 'ddp'})" if group.active else ""
 
 
 def _scalar_log(config: RunConfig, resume_step: int | None):

@@ -42,17 +42,33 @@ def _chunk_loss(hidden, weight, bias, targets, transform):
     return F.cross_entropy(transform(logits), targets, reduction="sum")
 
 
+def _chunk_logps(hidden, weight, bias, targets, transform):
+    logits = F.linear(hidden, weight, bias).float()
+    return -F.cross_entropy(transform(logits), targets, reduction="none")  # (chunk,)
+
+
 def chunked_cross_entropy(hidden, output_layer, targets, transform=lambda x: x, chunk_size=1024):
     """Sum of cross-entropy over rows of hidden (n, d) against targets (n,)."""
     total = hidden.new_zeros((), dtype=torch.float32)
+    for piece in _chunks(_chunk_loss, hidden, output_layer, targets, transform, chunk_size):
+        total = total + piece
+    return total
+
+
+def chunked_token_logps(hidden, output_layer, targets, transform=lambda x: x, chunk_size=1024) -> torch.Tensor:
+    """log p(target) of every row of hidden (n, d): (n,) in fp32, one chunk of logits at a time."""
+    pieces = list(_chunks(_chunk_logps, hidden, output_layer, targets, transform, chunk_size))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunks(function, hidden, output_layer, targets, transform, chunk_size):
     weight, bias = output_layer.weight, output_layer.bias
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, bias, t, transform, use_reentrant=False)
+        if torch.is_grad_enabled():  # backward recomputes this chunk's logits instead of keeping them
+            yield checkpoint(function, h, weight, bias, t, transform, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h, weight, bias, t, transform)
-    return total
+            yield function(h, weight, bias, t, transform)
 
 
 class PackedLoss(torch.nn.Module):
@@ -79,10 +95,20 @@ def loss_sum(model, batch, chunk_size: int = 1024) -> torch.Tensor:
 
 def _loss_sum(model, batch, chunk_size: int) -> torch.Tensor:
     hf_model = unwrap(model)
-    decoder = hf_model.base_model
-    out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                  tunesmith_segments=batch.segments)
+    return chunked_cross_entropy(supervised_hidden(hf_model, batch), hf_model.get_output_embeddings(),
+                                 batch.targets, logit_transform(hf_model.config), chunk_size)
+
+
+def supervised_hidden(hf_model, batch) -> torch.Tensor:
+    """Final hidden states at the positions that predict a supervised token: (n_targets, d)."""
+    out = hf_model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                              tunesmith_segments=batch.segments)
     hidden = out.last_hidden_state[0]  # (T, d)
-    hidden = hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions
-    return chunked_cross_entropy(hidden, hf_model.get_output_embeddings(), batch.targets,
-                                 logit_transform(hf_model.config), chunk_size)
+    return hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions
+
+
+def token_logps(model, batch, chunk_size: int = 1024) -> torch.Tensor:
+    """log p of every supervised token of a packed batch: (n_targets,)."""
+    hf_model = unwrap(model)
+    return chunked_token_logps(supervised_hidden(hf_model, batch), hf_model.get_output_embeddings(),
+                               batch.targets, logit_transform(hf_model.config), chunk_size)
