@@ -102,7 +102,9 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup")
+    learning_rate: float | Literal["auto"] = Field(
+        2e-4, description="peak learning rate after warmup; auto: found by a short range test before training "
+        "(tunesmith lr-find; plot in plots/lr_find.png)")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (accumulation = batch/micro); "
                                   "unset: the largest divisor of batch_size up to 8")
@@ -468,6 +470,9 @@ def semantic_problems(values: _Lookup) -> list[str]:
     if isinstance(batch, int) and launched > batch:
         problems.append(f"torchrun started {launched} processes but train.batch_size={batch}: each process "
                         "needs at least one example per step")
+    rate = values.get("train.learning_rate")
+    if _all((int, float), rate) and rate <= 0:
+        problems.append(f"train.learning_rate={rate} must be above 0 (or auto, to have it found)")
     clip = values.get("train.grad_clip")
     if _all((int, float), clip) and clip <= 0:
         problems.append(f"train.grad_clip={clip} must be above 0 (set it to null to turn clipping off)")

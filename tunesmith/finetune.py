@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +24,22 @@ from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train import checkpoint, distributed, loop
 
 
-def finetune(config: RunConfig) -> loop.TrainResult:
+@dataclasses.dataclass
+class Setup:
+    """A run ready to train: its config with the template and starting model pinned, the prepared
+    data, the processes and device, and the model with its trainable weights."""
+
+    config: RunConfig
+    tokenizer: object
+    prepared: object
+    group: distributed.Group
+    device: torch.device
+    dtype: torch.dtype
+    model: torch.nn.Module
+    resume_from: Path | None
+
+
+def set_up(config: RunConfig) -> Setup:
     run_dir = config.run_dir
     if config.init_from:  # the starting point becomes this run's model: chat, merge and export use it
         config = config.model_copy(update={"model": str(starting_model(config))})
@@ -54,17 +70,45 @@ def finetune(config: RunConfig) -> loop.TrainResult:
     trainable, total = count_parameters(model)
     weights = f"{config.method} on {config.weights}" if config.objective != "sft" else config.method
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({weights})")
+    return Setup(config, tokenizer, prepared, group, device, dtype, model, resume_from)
+
+
+def finetune(config: RunConfig) -> loop.TrainResult:
+    run_dir = config.run_dir
+    run = set_up(config)
     try:
-        objective = make_objective(model, config, prepared, device, dtype, group)
-        result = loop.run(model, tokenizer, config, objective, device, dtype, resume_from, group)
+        objective = make_objective(run.model, run.config, run.prepared, run.device, run.dtype, run.group)
+        config, finder_seconds = resolve_learning_rate(run.model, objective, run.config, run.group)
+        result = loop.run(run.model, run.tokenizer, config, objective, run.device, run.dtype, run.resume_from,
+                          run.group)
+        result = dataclasses.replace(result, finder_seconds=finder_seconds)
     finally:
-        distributed.stop(group)
-    if group.is_main:
+        distributed.stop(run.group)
+    if run.group.is_main:
         plots.curves(run_dir)
         from tunesmith.report import write_report
 
         write_report(config)  # curves and diagnosis now; `evaluate` adds its results to it
     return result
+
+
+def resolve_learning_rate(model, objective, config: RunConfig, group) -> tuple[RunConfig, float]:
+    """learning_rate: auto → the finder's pick (its plot in plots/lr_find.png); a resumed run reuses the
+    pick it trained with (lr_find.json). Returns the config with a number in it and the finder's seconds."""
+    if config.train.learning_rate != "auto":
+        return config, 0.0
+    from tunesmith.train import lr_find
+
+    finding = lr_find.load(config.run_dir) if config.resume else None
+    if finding is None:
+        finding = lr_find.find(model, objective, config.train, group=group)
+        if group.is_main:
+            lr_find.save(finding, config.run_dir)
+        say(finding.describe())
+    else:
+        say(f"learning_rate auto: reusing the pick of {config.run_dir / 'lr_find.json'}: {finding.pick:.2e}")
+    train = config.train.model_copy(update={"learning_rate": finding.pick})
+    return config.model_copy(update={"train": train}), finding.seconds if not config.resume else 0.0
 
 
 def make_objective(model, config: RunConfig, prepared, device, dtype, group):

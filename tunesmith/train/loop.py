@@ -78,6 +78,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     stopped_early: bool
+    finder_seconds: float = 0.0  # learning_rate auto: the range test before training
 
 
 @dataclass
@@ -367,7 +368,8 @@ def _compile_layers(model) -> None:
 
 
 def describe(result: TrainResult, run_dir: Path) -> list[str]:
-    lines = [f"Trained {result.steps} steps in {result.seconds:.0f} s "
+    finder = f" after a {result.finder_seconds:.0f} s learning-rate finder" if result.finder_seconds else ""
+    lines = [f"Trained {result.steps} steps in {result.seconds:.0f} s{finder} "
              f"({result.tokens_per_second:.0f} tokens/s); final training loss {result.final_loss:.4f}"]
     if result.best_step is not None:
         lines.append(f"Best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
