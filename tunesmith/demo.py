@@ -79,10 +79,18 @@ def demo_config(out_dir: Path, rows: int, steps: int) -> config_module.RunConfig
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tunesmith demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out/demo", help="run directory")
-    parser.add_argument("--rows", type=int, default=3000, help="generated examples")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of 8 examples")
+    parser.add_argument("--task", choices=("dates", "preference"), default="dates",
+                        help="dates: supervised LoRA; preference: DPO on chosen/rejected pairs")
+    parser.add_argument("--out", default=None, help="run directory (default out/demo, out/demo-preference)")
+    parser.add_argument("--rows", type=int, default=None, help="generated examples (default 3000; pairs 600)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 examples (default 20; "
+                                                                 "preference 40)")
     args = parser.parse_args(argv)
+    if args.task == "preference":
+        from tunesmith.demo_preference import run
+
+        return run(args.out or "out/demo-preference", args.rows or 600, args.steps or 40)
+    args.out, args.rows, args.steps = args.out or "out/demo", args.rows or 3000, args.steps or 20
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = make_rows(args.rows, seed=1234)

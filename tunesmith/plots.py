@@ -23,7 +23,38 @@ def curves(run_dir: Path) -> list[Path]:
     written = [_loss(train, val, out_dir / "loss.png"),
                _single(train, "lr", "learning rate", out_dir / "lr.png"),
                _single(train, "tokens_per_second", "tokens / s", out_dir / "throughput.png")]
+    if any("reward_accuracy" in r for r in train):
+        written.append(_preference(train, val, out_dir / "preference.png"))
     return written
+
+
+def _preference(train: list[dict], val: list[dict], path: Path) -> Path:
+    """Preference runs: accuracy and reward margin (left), the answers' mean token log-probs (right).
+    Both log-probs falling together is the known DPO failure the diagnosis warns about."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    left.plot(steps, [r.get("reward_accuracy", 0) for r in train], label="accuracy (train)")
+    if val:
+        left.plot([r["step"] for r in val], [r.get("val_reward_accuracy", 0) for r in val], "o-",
+                  label="accuracy (validation)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_ylabel("preference accuracy")
+    margin = left.twinx()
+    margin.plot(steps, [r.get("reward_margin", 0) for r in train], color="tab:green", alpha=0.6, label="reward margin")
+    margin.set_ylabel("reward margin (chosen - rejected)")
+    left.legend(loc="lower right")
+    margin.legend(loc="center right")
+    right.plot(steps, [r.get("logp_chosen", 0) for r in train], label="chosen")
+    right.plot(steps, [r.get("logp_rejected", 0) for r in train], label="rejected")
+    right.set_ylabel("mean log-prob per answer token")
+    right.legend()
+    for axes in (left, right):
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _loss(train: list[dict], val: list[dict], path: Path) -> Path:

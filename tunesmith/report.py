@@ -112,11 +112,16 @@ def _curves(run_dir: Path) -> str:
     if not (run_dir / "metrics.jsonl").is_file():
         return _missing("No metrics.jsonl yet: tunesmith finetune writes it.")
     metrics_time = (run_dir / "metrics.jsonl").stat().st_mtime
-    drawn = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+    before = [run_dir / "plots" / "lr_find.png"]  # drawn before training, not from metrics.jsonl
+    drawn = sorted(p for p in (run_dir / "plots").glob("*.png") if p not in before) \
+        if (run_dir / "plots").is_dir() else []
     fresh = drawn and all(path.stat().st_mtime >= metrics_time for path in drawn)
     written = drawn if fresh else plots.curves(run_dir)  # finetune has just drawn them
+    written = [path for path in before if path.is_file()] + written
     titles = {"loss.png": "Training and validation loss", "lr.png": "Learning rate",
-              "throughput.png": "Throughput (tokens/s)"}
+              "throughput.png": "Throughput (tokens/s)",
+              "preference.png": "Preference accuracy, reward margin and answer log-probs",
+              "lr_find.png": "Learning-rate finder: loss vs rate, the pick marked"}
     images = []
     for path in written:
         data = base64.b64encode(path.read_bytes()).decode("ascii")

@@ -20,11 +20,14 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig
 from tunesmith.data import dedup
+from tunesmith.data.doctor_pairs import pair_findings, pair_stats
+from tunesmith.data.formats import PAIR_FORMATS, PREFERENCE_FORMATS
 from tunesmith.data.gather import SPLITS, Gathered, gather
 from tunesmith.data.templates import Encoder, Template, choose, pieces
 from tunesmith.data.text import document_ids
 
 PREVIEW_EXAMPLES = 3
+NO_CONFLICTS = ("text", *PREFERENCE_FORMATS)  # documents; prompts with several pairs are normal
 TRUNCATION_PROBLEM_SHARE = 0.05  # above this share of truncated training examples, it is a problem
 
 
@@ -147,12 +150,16 @@ def diagnose(config: RunConfig, tokenizer) -> dict:
               "max_seq_length": data.max_seq_length, "mask_prompt": data.mask_prompt,
               "sources": gathered.sources, "cleaning": gathered.cleaning, "leakage": gathered.leakage,
               "folds": gathered.folds, "splits": splits,
-              "conflicting_prompts": 0 if fmt == "text" else conflicting_answers(gathered.examples["train"]),
+              "conflicting_prompts": 0 if fmt in NO_CONFLICTS else conflicting_answers(gathered.examples["train"]),
               "suggested_max_seq_length": suggested_length(measured["train"].total),
               "lengths": {name: {"prompt": m.prompt, "response": m.response, "total": m.total}
                           for name, m in measured.items()},
               "preview": preview(gathered.examples["train"], fmt, template, tokenizer, data)}
     report["findings"] = findings(report, gathered, config)
+    if fmt in PAIR_FORMATS:
+        report["pairs"] = pair_stats(gathered.examples["train"], template, tokenizer, data.max_seq_length)
+        identical = sum(c["counts"].get("identical_pairs", 0) for c in gathered.cleaning.values())
+        report["findings"] += pair_findings(report["pairs"], identical, data.max_seq_length)
     return report
 
 

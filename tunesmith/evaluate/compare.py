@@ -31,7 +31,7 @@ from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import loss_sum
 
-METRICS = ("test_loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
+METRICS = ("preference_accuracy", "logp_margin", "test_loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
 
 
 @torch.no_grad()
@@ -72,12 +72,18 @@ def generation_scores(answers: list[str], rows: list[dict], normalized) -> dict:
 
 def score(loaded: Loaded, split: TokenizedSplit, rows: list[dict], config: RunConfig,
           max_new_tokens: int) -> tuple[dict, list[str]]:
-    loss = test_loss(loaded, split, len(rows), config.train.micro_batch_size)
+    preference = {}
+    if split.labels is not None:  # a preference run: rank chosen vs rejected; the loss is on chosen answers
+        from tunesmith.evaluate.preference import preference_scores
+
+        preference = preference_scores(loaded.model, split, config.objective != "kto", loaded.device,
+                                       config.train.micro_batch_size)
+    loss = preference.get("test_loss") or test_loss(loaded, split, len(rows), config.train.micro_batch_size)
     with tqdm(total=len(rows), desc=f"generating ({loaded.label})", unit="row",
               dynamic_ncols=True) as bar:
         answers, hit_limit = generate_with_limits(loaded, [r["prompt"] for r in rows], max_new_tokens,
                                                   config.eval.batch_size, progress=bar.update)
-    metrics = {"test_loss": loss, "perplexity": math.exp(min(loss, 50)),
+    metrics = {**preference, "test_loss": loss, "perplexity": math.exp(min(loss, 50)),
                **generation_scores(answers, rows, config.eval.normalize), "n_test": len(rows),
                "truncated_rows": [i for i, hit in enumerate(hit_limit) if hit]}
     return metrics, answers
@@ -122,7 +128,8 @@ def held_out_rows(config: RunConfig, extras_only: bool) -> tuple[list[dict], Tok
     if prepared.manifest["format"]["train"] == "text":  # blocks of raw text: no question to answer
         raise TunesmithError("evaluate scores answers to held-out questions, and a data.format: text run "
                              "(continued pre-training) has none; its validation loss is in metrics.jsonl")
-    rows = prepared.rows("test")[: config.eval.max_samples]
+    rows = [row for row in prepared.rows("test") if row.get("label", True)]  # kto: answer desirable prompts
+    rows = rows[: config.eval.max_samples]
     if not rows:
         raise TunesmithError("the test split is empty: set data.test_split above 0 or give data.test_path")
     return rows, prepared.splits["test"], config.eval.max_new_tokens or default_max_new_tokens(rows, tokenizer)

@@ -64,6 +64,17 @@ def diagnose_run(run_dir: Path) -> Diagnosis:
 
 
 def diagnose(records: list[dict]) -> Diagnosis:
+    found = _diagnose_loss(records)
+    if any("reward_accuracy" in r for r in records):
+        from tunesmith.evaluate.diagnose_preference import preference_findings
+
+        findings, advice = preference_findings(records)
+        found.findings += findings
+        found.advice += [a for a in advice if a not in found.advice]
+    return found
+
+
+def _diagnose_loss(records: list[dict]) -> Diagnosis:
     train = [(r["step"], float(r["loss"])) for r in records if "loss" in r and r["loss"] is not None]
     val = [(r["step"], float(r["val_loss"])) for r in records if r.get("val_loss") is not None]
     skipped = max((r.get("skipped_steps") or 0 for r in records), default=0)

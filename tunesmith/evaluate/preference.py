@@ -1,0 +1,47 @@
+"""Held-out preference figures of one model (base or tuned) on a preference run's test split.
+
+    preference_accuracy  share of test pairs whose chosen answer the model finds more likely than
+                         the rejected one (summed log-probability: what it would rather generate)
+    logp_margin          mean per-token log-prob of chosen minus rejected answers (KTO: desirable
+                         minus undesirable answers), in nats per token
+    test_loss            cross-entropy per token on the chosen (desirable) answers only
+
+The same numbers for the base and the tuned model show whether the preference was learned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.data.dataset import TokenizedSplit
+from tunesmith.train.attention import packed_attention
+from tunesmith.train.batching import pack
+from tunesmith.train.loss import unwrap
+from tunesmith.train.preference import sequence_logps
+
+
+@torch.no_grad()
+def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs and answer lengths of every sequence of the split: (n,), (n,)."""
+    sums, counts = [], []
+    for start in range(0, len(split), micro_batch_size):
+        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split))))).to(device)
+        with packed_attention(unwrap(model)):
+            total, count = sequence_logps(model, batch, 1024)
+        sums.append(total.float().cpu())
+        counts.append(count.float().cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def preference_scores(model, split: TokenizedSplit, paired: bool, device, micro_batch_size: int = 8) -> dict:
+    sums, counts = all_sequence_logps(model, split, device, micro_batch_size)
+    good = split.labels.bool()
+    test_loss = float(-sums[good].sum() / counts[good].sum().clamp(min=1))
+    per_token = sums / counts.clamp(min=1)
+    if paired:
+        accuracy = float((sums[0::2] > sums[1::2]).float().mean())
+        margin = float((per_token[0::2] - per_token[1::2]).mean())
+        return {"preference_accuracy": accuracy, "logp_margin": margin, "test_loss": test_loss}
+    margin = float(per_token[good].mean() - per_token[~good].mean()) if good.any() and (~good).any() else 0.0
+    return {"logp_margin": margin, "test_loss": test_loss}
