@@ -148,6 +148,8 @@ class TrainConfig(Section):
         "ddp", description="with several processes: ddp keeps a full copy of the model on each; fsdp "
         "(method full only) shards weights, gradients and optimizer state across them (FSDP2)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the maths (default: one per core); "
+                                "fewer when the CPU is shared with other work (a busy CPU is reported at start)")
     seed: int = Field(42, description="seed of model init, dropout and data order")
     log_interval: int = Field(10, ge=1, description="steps between metric log lines")
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (loss, val loss, lr, "

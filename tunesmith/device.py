@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,3 +38,32 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+BUSY_SHARE = 0.75  # load average at or above this share of the cores: other work is using the CPU
+
+
+def use_threads(threads: int | None, device: torch.device | str = "cpu") -> int:
+    """Set the CPU threads for the maths (None: torch's choice, one per core) and warn when other work is
+    already using the cores: OpenMP threads of several processes wait on each other, and each process
+    runs many times slower. Returns the thread count in use."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if torch.device(device).type == "cpu":
+        warn_if_busy(torch.get_num_threads())
+    return torch.get_num_threads()
+
+
+def warn_if_busy(threads: int) -> None:
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return
+    if load < BUSY_SHARE * cores:
+        return
+    from tunesmith.log import say
+
+    say(f"Warning: the CPU is busy (load average {load:.1f} on {cores} cores) and this process will use "
+        f"{threads} threads: processes sharing cores can each run 10-20x slower. Wait for the other work, "
+        "or split the cores: train.threads / --threads here, OMP_NUM_THREADS for the others")

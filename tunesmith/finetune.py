@@ -16,7 +16,7 @@ from tunesmith import plots
 from tunesmith.config import RunConfig, dump
 from tunesmith.data.prepare import data_key, prepare, summary_lines
 from tunesmith.data.templates import choose
-from tunesmith.device import pick_device, pick_dtype
+from tunesmith.device import pick_device, pick_dtype, use_threads
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, load_for_training, prepare_for_training
@@ -60,6 +60,7 @@ def set_up(config: RunConfig) -> Setup:
     group, device_name = distributed.start(config.train.device)
     device = pick_device(device_name)
     dtype = pick_dtype(config.train.precision, device)
+    use_threads(config.train.threads, device)
     if device.type == "cpu" and config.train.compact_memory:  # lower peak RSS for slower steps
         from tunesmith.train.memory import return_freed_memory_to_os
 

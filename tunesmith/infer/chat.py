@@ -143,7 +143,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     sampling_arguments(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the maths (default: one per core); fewer on a CPU shared with other work")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads} must be at least 1")
+    from tunesmith.device import pick_device, use_threads
+
+    use_threads(args.threads, pick_device(getattr(args, "device", "auto")))
     sampling = sampling_from(args)
     loaded = load(args)
     system_prompt = args.system if args.system is not None else loaded.template.system_prompt

@@ -139,7 +139,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--template", default="auto", help="template for a base model (auto, chat, alpaca, qa)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the maths (default: one per core); fewer on a CPU shared with other work")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads} must be at least 1")
+    from tunesmith.device import pick_device, use_threads
+
+    use_threads(args.threads, pick_device(getattr(args, "device", "auto")))
     if not args.model and not args.run:
         raise TunesmithError("give --model, --adapter RUN, or both")
     if args.run:
