@@ -53,7 +53,9 @@ def set_up(config: RunConfig) -> Setup:
         check_same_data(resume_from, config, tokenizer)
     prepared = prepare(config, tokenizer)  # first: a data error leaves no half-made run directory
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump(config))
+    tmp = run_dir / "config.yaml.tmp"  # the file a user resumes from is never half-written
+    tmp.write_text(dump(config))
+    tmp.replace(run_dir / "config.yaml")
     for line in summary_lines(prepared):
         say(line)
 

@@ -315,11 +315,17 @@ def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` complete step-* folders; best/ and final/ are separate and never pruned.
     Leftovers of interrupted saves (*.tmp, *.old) go too, once recover() has kept what it needs."""
     recover(run_dir)
-    for leftover in list(run_dir.glob("*.tmp")) + list(run_dir.glob("*.old")):
+    for leftover in [*run_dir.glob("*.tmp"), *run_dir.glob("*.old"), *run_dir.glob("*.deleting")]:
         shutil.rmtree(leftover, ignore_errors=True)
-    complete = [p for p in step_folders(run_dir) if is_complete(p)]
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    folders = step_folders(run_dir)
+    complete = [p for p in folders if is_complete(p)]
+    broken = [p for p in folders if complete and p < complete[-1] and not is_complete(p)]  # never resumed from
+    for old in complete[:-keep] + broken:
+        # Renamed first, then deleted: a kill half-way through leaves a *.deleting folder that the next
+        # prune removes, never a half-deleted step-* that looks like a failed save and stays forever.
+        doomed = old.with_name(old.name + ".deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_adapter(folder: Path) -> bool:

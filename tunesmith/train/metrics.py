@@ -14,9 +14,10 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         kept = [r for r in read(path) if r.get("step", 0) <= keep_through_step] if keep_through_step else []
-        self.handle = path.open("w", encoding="utf-8")
-        for record in kept:
-            self.write(record)
+        tmp = path.with_name(path.name + ".tmp")  # the kept history is never half-written
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        tmp.replace(path)
+        self.handle = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record) + "\n")
