@@ -87,13 +87,27 @@ def _estimate(argv):
     return estimate.main(argv)
 
 
+def _lr_find(cfg):
+    from tunesmith import lrfind
+
+    return lrfind.main(cfg)
+
+
+def _sweep(argv):
+    from tunesmith import sweep
+
+    return sweep.main(argv)
+
+
 # verb → (entry point, takes a config?, one-line description)
 VERBS = {
     "prepare": (_prepare, True, "clean, split, template and tokenize the data into <run>/data"),
     "inspect": (_inspect, True, "the data doctor: counts, cleaning, lengths, leakage, a verdict"),
-    "finetune": (_finetune, True, "train (LoRA, QLoRA, DoRA, prompt adapters or full); checkpoints, metrics, curves"),
+    "finetune": (_finetune, True, "train (LoRA, QLoRA, DoRA, prompt adapters, full; DPO/ORPO/SimPO/KTO); checkpoints, metrics, curves"),
     "evaluate": (_evaluate, True, ("base vs fine-tuned on held-out rows: loss, exact match, F1, BLEU, "
                                    "ROUGE, error analysis; --tasks (lm-eval benchmarks), --bias (bias probe)")),
+    "lr-find": (_lr_find, True, "the learning-rate range test: loss vs rate, a pick, plots/lr_find.png"),
+    "sweep": (_sweep, False, "hyperparameter search (Optuna): one finetune run per trial, pruning, best.yaml"),
     "report": (_report, True, "one self-contained report.html: config, data, curves, diagnosis, evaluation"),
     "generate": (_generate, False, "answer a prompt with a base model or a fine-tuned run"),
     "chat": (_chat, False, "talk to a base model, a fine-tuned run or a merged model in the terminal"),
