@@ -5,6 +5,7 @@ the model always picks the choice with the fewest tokens — the expected accura
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from tunesmith import config as config_module
 from tunesmith.evaluate import benchmarks
 from tunesmith.infer.generate import load_base
 
-pytest.importorskip("lm_eval", reason="lm-eval is in the test extra: pip install -e '.[test]'")
+# A mark, not a module-level importorskip: test_report imports write_task from here and must not
+# be skipped with this module.
+NEEDS_LM_EVAL = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval is in the test extra: pip install -e '.[test]'")
+pytestmark = NEEDS_LM_EVAL
 
 # Gold is the shorter choice (in tokens) in the first three rows and the longer one in the last.
 ROWS = [

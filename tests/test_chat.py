@@ -11,23 +11,28 @@ import time
 
 import torch
 from helpers import REPO
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunesmith.infer.chat import Conversation
 from tunesmith.infer.generate import load_base
-from tunesmith.model.load import load_tokenizer
 
 # fp32 like the references: on a CPU with bf16 maths, precision auto would pick bf16, whose rounding
 # can flip a tiny random model's greedy choice
 GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1", "--precision", "fp32"]
 
 
+def chatml(messages: list[dict]) -> str:
+    """tiny.CHAT_TEMPLATE's rendering of `messages`, written out by hand, the assistant's turn opened."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
 def reference_answer(model_dir, messages: list[dict], max_new_tokens: int) -> str:
-    """Plain transformers: the tokenizer's own chat template over the whole history, greedy."""
-    tokenizer = load_tokenizer(model_dir, quiet=True)
+    """Plain transformers, greedy in fp32, on the whole history written out by hand."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    output = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+    ids = tokenizer(chatml(messages))["input_ids"]
+    output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
 
@@ -52,6 +57,7 @@ def test_multi_turn_history_reset_and_exit(tiny_models):
     answer_2 = reference_answer(model_dir, history, 8)
     fresh = reference_answer(model_dir, [{"role": "user", "content": second}], 8)
     assert answer_2 != fresh  # so the check below can tell whether the history reached the model
+    assert answer_1.strip() and fresh.strip()  # visible text, not only newlines or an immediate end
     # every answer is the reference one; after /reset the history is gone; nothing after /exit runs
     assert out == f"you> {answer_1}\nyou> {answer_2}\nyou> you> {fresh}\nyou> you> "
     assert "(conversation cleared)" in err

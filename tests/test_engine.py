@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tunesmith.infer.engine import Request, Sampling, decode
-from tunesmith.infer.request import safe_end as _safe_end
 from tunesmith.infer.generate import load_base, stop_token_ids
+from tunesmith.infer.request import safe_end as _safe_end
 
 PROMPTS = ["hello world", "What is the capital of France? The capital", "the quick brown fox jumps over the lazy dog"]
 
@@ -28,8 +28,9 @@ def _run(loaded, requests):
 
 
 def _reference(loaded, ids, max_new_tokens, penalty=1.0):
-    """transformers' greedy generate on one unpadded prompt, stop tokens dropped."""
-    stops = stop_token_ids(loaded)
+    """transformers' greedy generate on one unpadded prompt, stopping at (and dropping) the
+    tokenizer's end-of-sequence token, not at tunesmith's own list of stop ids."""
+    stops = [loaded.tokenizer.eos_token_id]
     output = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                    max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
                                    eos_token_id=stops, pad_token_id=loaded.tokenizer.pad_token_id)

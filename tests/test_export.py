@@ -45,9 +45,7 @@ def transformers_answer(run: Path, prompt: str, max_new_tokens: int = 12) -> tup
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.train.checkpoint import pick
-
-    folder = pick(run)
+    folder = run / "final"  # validation runs only at the last step, so best/ (what export takes) is the same
     base_dir = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(folder)).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -1,5 +1,6 @@
 """Every model family goes through prepare → finetune → generate via the CLI; a model without
-a chat template falls back to a plain template and says so."""
+a chat template falls back to a plain template and says so. Generated answers are checked against
+plain transformers (+ PEFT for a run) on the prompt written out by hand."""
 
 from __future__ import annotations
 
@@ -7,24 +8,55 @@ import json
 import math
 
 import pytest
+import torch
 from helpers import fast_train_flags, qa_rows, write_jsonl
 
-from tunesmith.data.templates import ALPACA_HEAD
-from tunesmith.infer.generate import generate, load_run, template_prompt
-
 PROMPT = "What is 3 plus one?"
+CHAT_PROMPT = f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"  # tiny.CHAT_TEMPLATE's rendering
+# One answer for every question: a few steps of LoRA make a random model say visible words (its own
+# greedy answer is newlines or an immediate end, which strip to "" whatever was applied).
+PHRASE = "the quick brown fox jumps over the lazy dog"
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 f"the request.\n\n### Instruction:\n{PROMPT}\n\n### Response:\n")
 
 
-def expected_answer(run_dir, max_new_tokens: int = 6) -> str:
-    loaded = load_run(run_dir, device="cpu", precision="fp32")
-    [answer] = generate(loaded, [template_prompt(loaded, PROMPT)], max_new_tokens, 1)
-    return answer
+def phrase_rows(count: int) -> list[dict]:
+    return [{"question": f"What is {i} plus one?", "answer": PHRASE} for i in range(count)]
+
+
+@pytest.fixture
+def fp32_generation(monkeypatch):
+    """`generate` has no --precision flag, and precision auto picks bf16 on a CPU with native bf16
+    (as this one has), whose rounding can flip a tiny random model's greedy choice. The references
+    are fp32, so the CLI is run as on a CPU without bf16."""
+    from tunesmith import device
+
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+
+
+def reference_answer(model_dir, prompt: str, max_new_tokens: int, adapter=None) -> str:
+    """Plain transformers (+ PEFT for an adapter folder), fp32, greedy, end-of-sequence dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        output = model.eval().generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    answer = [t for t in output[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "qwen2", "gemma"])
-def test_prepare_finetune_generate(cli, tiny_models, tmp_path, family):
+def test_prepare_finetune_generate(cli, tiny_models, tmp_path, family, fp32_generation):
     model = tiny_models(family)
-    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))
+    data = write_jsonl(tmp_path / "d.jsonl", phrase_rows(12))
     run_dir = tmp_path / "run"
 
     result = cli("prepare", "--model", model, "--data.path", data, "--out_dir", run_dir)
@@ -34,24 +66,27 @@ def test_prepare_finetune_generate(cli, tiny_models, tmp_path, family):
     assert [manifest["counts"][s]["examples"] for s in ("train", "val", "test")] == [10, 1, 1]
 
     result = cli("finetune", "--model", model, "--data.path", data, "--out_dir", run_dir,
-                 *fast_train_flags(max_steps=2), "--train.learning_rate", 1e-2, "--lora.r", 4)
+                 *fast_train_flags(max_steps=6), "--train.learning_rate", 2e-2, "--lora.r", 4)
     assert result.code == 0, result.err
     assert "Reusing prepared data" in result.err  # prepare's output is used as is
     state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and math.isfinite(state["train_loss"])
+    assert state["step"] == 6 and math.isfinite(state["train_loss"])
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "\"loss\"" in line]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
     result = cli("generate", "--adapter", run_dir, "--prompt", PROMPT, "--max-new-tokens", 6)
     assert result.code == 0, result.err
-    assert result.out == expected_answer(run_dir) + "\n"  # the answer alone, nothing else on stdout
+    # validation runs only at the last step, so best/ (which generate prefers) holds final/'s weights
+    tuned = reference_answer(model, CHAT_PROMPT, 6, adapter=run_dir / "final")
+    assert tuned and tuned != reference_answer(model, CHAT_PROMPT, 6)  # so the adapter is seen to be applied
+    assert result.out == tuned + "\n"  # the answer alone, nothing else on stdout
 
 
-def test_model_without_chat_template_falls_back_and_says_so(cli, tiny_models, tmp_path):
+def test_model_without_chat_template_falls_back_and_says_so(cli, tiny_models, tmp_path, fp32_generation):
     model = tiny_models("llama", chat=False)
-    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    data = write_jsonl(tmp_path / "d.jsonl", phrase_rows(8))
     run_dir = tmp_path / "run"
 
     result = cli("prepare", "--model", model, "--data.path", data, "--out_dir", run_dir)
@@ -59,18 +94,17 @@ def test_model_without_chat_template_falls_back_and_says_so(cli, tiny_models, tm
     assert f"{model} has no chat template: data.template auto uses the alpaca template" in result.err
     assert "template: alpaca" in result.err and "(template: alpaca)" in result.out
     row = json.loads((run_dir / "data" / "test" / "rows.jsonl").read_text().splitlines()[0])
-    assert row["prompt"].startswith(ALPACA_HEAD) and row["prompt"].endswith("### Response:\n")
+    assert row["prompt"] == ALPACA_PROMPT.replace(PROMPT, row["messages"][0]["content"])
 
     result = cli("finetune", "--model", model, "--data.path", data, "--out_dir", run_dir,
-                 *fast_train_flags(max_steps=2))
+                 *fast_train_flags(max_steps=6), "--train.learning_rate", 2e-2)
     assert result.code == 0, result.err
     assert "Reusing prepared data" in result.err
     result = cli("generate", "--adapter", run_dir, "--prompt", PROMPT, "--max-new-tokens", 6)
     assert result.code == 0, result.err
-    loaded = load_run(run_dir, device="cpu", precision="fp32")
-    assert loaded.template.name == "alpaca"  # the run generates with the template it trained with
-    assert template_prompt(loaded, PROMPT).startswith(ALPACA_HEAD)
-    assert result.out == expected_answer(run_dir) + "\n"
+    tuned = reference_answer(model, ALPACA_PROMPT, 6, adapter=run_dir / "final")  # the template it trained with
+    assert tuned and tuned != reference_answer(model, ALPACA_PROMPT, 6)
+    assert result.out == tuned + "\n"
 
 
 def test_plain_model_with_chat_template_requested(cli, tiny_models, tmp_path):
@@ -84,16 +118,12 @@ def test_plain_model_with_chat_template_requested(cli, tiny_models, tmp_path):
     assert row["prompt"] == f"### User:\n{row['messages'][0]['content']}\n\n### Assistant:\n"
 
 
-def test_generate_with_a_base_model(cli, llama):
-    from tunesmith.infer.generate import load_base
-
-    result = cli("generate", "--model", llama, "--prompt", PROMPT, "--max-new-tokens", 5)
+def test_generate_with_a_base_model(cli, tiny_models, fp32_generation):
+    model = tiny_models("qwen2")  # whose greedy answer is visible text (the tiny llama's is newlines)
+    result = cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens", 5)
     assert result.code == 0, result.err
-    loaded = load_base(str(llama), device="cpu", precision="fp32")
-    [answer] = generate(loaded, [template_prompt(loaded, PROMPT)], 5, 1)
-    assert result.out == answer + "\n"
-    prompt = template_prompt(loaded, PROMPT)
-    assert prompt == f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    expected = reference_answer(model, CHAT_PROMPT, 5)
+    assert expected and result.out == expected + "\n"
 
 
 def test_generate_needs_a_model_or_a_run(cli):

@@ -122,7 +122,7 @@ def test_cli_trains_qlora_and_generation_uses_the_quantized_base(llama, tmp_path
     result = cli("finetune", "--model", llama, "--method", "qlora", "--data.path", data, "--out_dir", tmp_path / "run",
                  "--train.learning_rate", "1e-2", *fast_train_flags(max_steps=2))
     assert result.code == 0, result.err
-    assert "(qlora)" in result.err + result.out
+    assert "M trained (qlora)" in result.err
     loaded = load_run(tmp_path / "run", device="cpu", precision="fp32")
     config = RunConfig.model_validate({"model": str(llama), "method": "qlora"})
     quantized = load_quantized(llama, config.qlora, torch.float32)

@@ -12,8 +12,9 @@ import matplotlib.image
 import pytest
 from bs4 import BeautifulSoup
 from helpers import write_jsonl
-from test_benchmarks import write_task
+from test_benchmarks import NEEDS_LM_EVAL, write_task
 
+from tunesmith.evaluate.diagnose import diagnose_run
 from tunesmith.report import SECTIONS
 from tunesmith.train.tensorboard import read_scalars
 
@@ -55,9 +56,10 @@ def test_finetune_writes_the_report_with_curves_and_diagnosis(trained):
         assert prefix == "data:image/png;base64"
         pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 200 and pixels.shape[1] > 500
-    assert sections["diagnosis"].find("p", class_="verdict").get_text().startswith(
-        ("Well fit", "Underfit", "Overfitting"))
-    assert "Training loss fell from" in sections["diagnosis"].get_text()
+    found = diagnose_run(run_dir)  # this run's diagnosis, in full (its logic: tests/test_diagnose.py)
+    assert sections["diagnosis"].find("p", class_="verdict").get_text() == found.headline
+    assert [li.get_text() for li in sections["diagnosis"].find_all("li")] == found.findings + found.advice
+    assert found.findings[0].startswith("Training loss fell from")
     assert "learning_rate: 0.01" in sections["config"].get_text()
     data_rows = [[td.get_text() for td in tr.find_all("td")] for tr in sections["data"].find_all("tr")[1:]]
     assert [row[0] for row in data_rows] == ["train", "val", "test"] and data_rows[2][1] == "6"
@@ -81,6 +83,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(trained):
     assert [step for step, _ in scalars["val/loss"]] == [8, 16, 24]
 
 
+@NEEDS_LM_EVAL
 def test_report_after_evaluate_has_every_section_filled(trained, cli, tmp_path):
     run_dir, flags, _ = trained
     tasks_dir = write_task(tmp_path / "tasks")

@@ -17,9 +17,7 @@ import openai
 import pytest
 import torch
 from helpers import REPO, fast_train_flags, write_jsonl
-from transformers import AutoModelForCausalLM
-
-from tunesmith.model.load import load_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 KEY = "test-key-123"
 MAX_PROMPT_TOKENS = 48
@@ -81,12 +79,18 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=60)
 
 
+def chatml(messages: list[dict]) -> str:
+    """tiny.CHAT_TEMPLATE's rendering of `messages`, written out by hand, the assistant's turn opened."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
 class Reference:
-    """Plain transformers (+ PEFT for an adapter), greedy, one prompt at a time."""
+    """Plain transformers (+ PEFT for an adapter), greedy, one prompt at a time; chat prompts are
+    written out by hand."""
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(model_dir, quiet=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.models = {}
 
     def model(self, adapter=None):
@@ -107,8 +111,7 @@ class Reference:
         return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
     def chat(self, messages, max_new_tokens, adapter=None):
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+        ids = self.tokenizer(chatml(messages), add_special_tokens=False)["input_ids"]
         return (*self.answer(ids, max_new_tokens, adapter), len(ids))
 
     def complete(self, prompt, max_new_tokens, adapter=None):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import fast_train_flags, write_jsonl
+from helpers import fast_train_flags, qa_rows, write_jsonl
 
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import TokenizedSplit
@@ -144,26 +144,38 @@ def test_loss_goes_down_and_metrics_are_logged(cli, llama, tmp_path):
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "lr.png", "throughput.png"}
 
 
-def test_gradient_checkpointing_gives_the_same_run(tmp_path, llama):
-    """Checkpointed layers recompute inside the packed attention: same loss and weights as without."""
-    import json
-
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_run(cli, llama, tmp_path):
+    """With train.gradient_checkpointing the layers keep only their inputs for backward and recompute
+    the rest (inside the packed attention): autograd is handed a fraction of the tensors it keeps
+    without it (counted by a saved-tensor hook around the whole run; the recomputed layers save
+    theirs through checkpoint's own hooks, which this one does not see), and the run ends with the
+    same weights."""
     from safetensors.torch import load_file
 
-    from helpers import fast_train_flags, qa_rows, write_jsonl
-    from tunesmith.cli import main
-
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))
-    runs = {}
+    kept, adapters = {}, {}
     for flag in ("false", "true"):
+        saved: list[int] = []  # bytes of each tensor autograd keeps for backward
+
+        def keep(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
         out = tmp_path / f"gc-{flag}"
-        assert main([str(a) for a in ["finetune", "--model", llama, "--data.path", data, "--out_dir", out,
-                                      *fast_train_flags(max_steps=3), "--lora.dropout", 0,
-                                      "--train.gradient_checkpointing", flag]]) == 0
-        runs[flag] = load_file(str(out / "final" / "adapter_model.safetensors"))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            result = cli("finetune", "--model", llama, "--data.path", data, "--out_dir", out,
+                         *fast_train_flags(max_steps=3), "--train.learning_rate", 1e-2, "--lora.dropout", 0,
+                         "--train.gradient_checkpointing", flag)
+        assert result.code == 0, result.err
         assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 3
-    for key, value in runs["false"].items():
-        torch.testing.assert_close(runs["true"][key], value, rtol=1e-5, atol=1e-6)
+        kept[flag] = len(saved), sum(saved)
+        adapters[flag] = load_file(str(out / "final" / "adapter_model.safetensors"))
+    # measured: 369 tensors (3.2 MB) without, 36 (0.46 MB) with
+    assert kept["true"][0] < kept["false"][0] / 4 and kept["true"][1] < kept["false"][1] / 4, kept
+    assert adapters["true"].keys() == adapters["false"].keys()
+    assert all(value.abs().max() > 1e-3 for key, value in adapters["false"].items() if "lora_B" in key)  # trained
+    for key, value in adapters["false"].items():
+        torch.testing.assert_close(adapters["true"][key], value, rtol=1e-5, atol=1e-6)
 
 
 MALLOC_PROBE = """
@@ -211,22 +223,32 @@ def test_finetune_pins_the_allocator_only_when_asked(cli, llama, tmp_path, monke
     assert calls == ([1] if compact else [])
 
 
-def test_compiled_layers_give_the_same_losses(cli, llama, tmp_path):
-    """train.compile (torch.compile of each layer, dynamic shapes) runs the packed attention and
-    the chunked loss unchanged: the same per-step losses to float rounding. Dropout is off: compiled
-    code draws its dropout masks from another random stream. (Compiling takes about a minute here on
-    the first run; torch caches it after.)"""
+def test_compiled_layers_run_and_give_the_same_losses(cli, llama, tmp_path):
+    """train.compile (torch.compile of each layer, dynamic shapes) really compiles: dynamo reports
+    frames it turned into graphs during the compiled run and none during the plain one. It runs the
+    packed attention and the chunked loss unchanged: the same per-step losses to float rounding.
+    Dropout is off: compiled code draws its dropout masks from another random stream. (Compiling
+    takes about a minute here on the first run; torch caches it after.)"""
+    from torch._dynamo.utils import counters
+
     rows = [{"question": f"Say word {i} " * (1 + i % 5), "answer": f"w{i} " * (1 + i % 7)} for i in range(16)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    losses = {}
+    losses, compiled_frames, graphs = {}, {}, {}
+    torch._dynamo.reset()  # forget frames compiled earlier in this process, so this run compiles its own
     for compiled in ("false", "true"):
+        counters.clear()
         run_dir = tmp_path / compiled
         result = cli("finetune", "--model", llama, "--data.path", path, "--out_dir", run_dir,
                      "--data.val_split", 0, "--data.test_split", 0, *fast_train_flags(max_steps=3, batch=4, micro=2),
                      "--train.learning_rate", 1e-2, "--lora.dropout", 0,
                      "--train.compile", compiled)
         assert result.code == 0, result.err
+        compiled_frames[compiled] = counters["frames"]["ok"]
+        graphs[compiled] = counters["stats"]["unique_graphs"]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[compiled] = [r["loss"] for r in records if "loss" in r]
+    torch._dynamo.reset()
+    assert compiled_frames["false"] == graphs["false"] == 0
+    assert compiled_frames["true"] >= 1 and graphs["true"] >= 1, (compiled_frames, graphs)
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
