@@ -226,8 +226,8 @@ def summary_lines(prepared: Prepared) -> list[str]:
 def pair_notes(counts: dict) -> list[str]:
     """Preference splits: which side was truncated, and whether chosen answers are simply longer
     (a model can learn 'longer wins' instead of the preference)."""
-    if "chosen_longer" not in counts:
-        return []  # supervised data
+    if "chosen_longer" not in counts or not counts["examples"]:
+        return []  # supervised data, or an empty split
     if not counts["chosen_tokens"]:  # kto answers
         return [f"{counts['desirable']} desirable, {counts['undesirable']} undesirable answers"]
     pairs = counts["examples"]

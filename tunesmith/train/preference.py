@@ -51,7 +51,7 @@ class Settings:
     undesirable_weight: float = 1.0
 
     @classmethod
-    def of(cls, config) -> "Settings":
+    def of(cls, config) -> Settings:
         p = config.preference
         return cls(config.method, config.beta, p.loss_type, p.label_smoothing, p.gamma, p.desirable_weight,
                    p.undesirable_weight)
@@ -138,15 +138,30 @@ def sequence_ids(settings: Settings, indices: list[int]) -> list[int]:
 
 
 def mismatched(split: TokenizedSplit, index: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """KTO's KL term: the prompt of answer `index` followed by the answer of the next row (ids, supervised)."""
-    other = (index + 1) % len(split)
+    """KTO's KL term: the prompt of answer `index` followed by the answer of the next row with another
+    prompt (ids, supervised). KTO on pairs puts a pair's two answers side by side under one prompt: the
+    next row there is that prompt's own other answer, a matched pair rather than a mismatched one."""
     ids, supervised = split.example(index)
-    other_ids, other_supervised = split.example(other)
-    prompt_end = int(supervised.nonzero()[0]) if supervised.any() else len(ids)
-    answer_start = int(other_supervised.nonzero()[0]) if other_supervised.any() else 0
+    prompt_end = _answer_start(supervised, len(ids))
+    other_ids, other_supervised = split.example(_next_other_prompt(split, index, ids[:prompt_end]))
+    answer_start = _answer_start(other_supervised, 0)
     joined = torch.cat([ids[:prompt_end], other_ids[answer_start:]])[:max_length]
     mask = torch.cat([torch.zeros(prompt_end, dtype=torch.bool), other_supervised[answer_start:]])[:max_length]
     return joined, mask
+
+
+def _answer_start(supervised: torch.Tensor, default: int) -> int:
+    return int(supervised.nonzero()[0]) if supervised.any() else default
+
+
+def _next_other_prompt(split: TokenizedSplit, index: int, prompt: torch.Tensor, look_ahead=16) -> int:
+    """The first row after `index` (cyclically, within look_ahead rows) whose prompt is not `prompt`;
+    the next row if there is none."""
+    for step in range(1, min(len(split), look_ahead + 1)):
+        other_ids, other_supervised = split.example((index + step) % len(split))
+        if not torch.equal(other_ids[: _answer_start(other_supervised, len(other_ids))], prompt):
+            return (index + step) % len(split)
+    return (index + 1) % len(split)
 
 
 def sequence_logps(model, batch: PackedBatch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +242,7 @@ class Preference:
         model.train()
         return {"val_loss": loss_total / total, **{f"val_{k}": float(v) for k, v in sums.means().items()}}
 
-    def _losses(self, logps, counts, reference, desirable, kl, sums: "Figures") -> torch.Tensor:
+    def _losses(self, logps, counts, reference, desirable, kl, sums: Figures) -> torch.Tensor:
         s = self.settings
         if s.method == "kto":
             losses, rewards = kto_losses(s, logps, reference, desirable, kl)
