@@ -120,7 +120,7 @@ def test_every_problem_is_reported_at_once():
 
 def test_range_checks_name_the_key():
     [problem] = problems_of(["--train.learning_rate", "-1"])
-    assert problem.startswith("train.learning_rate=-1:")
+    assert problem == "train.learning_rate=-1 must be above 0 (or auto, to have it found)"
     problems = problems_of(["--data.val_split", "1.5"])
     assert problems[0].startswith("data.val_split=1.5:")
     assert problems[1] == "data.val_split=1.5 + data.test_split=0.1 leave no training rows"

@@ -95,7 +95,7 @@ class DataConfig(Section):
         "a custom string with {prompt} (and optionally {input}, {system})")
     system_prompt: str | None = Field(None, description="system message for chat templates")
     mask_prompt: bool = Field(True, description="train on responses only (prompt labels are -100)")
-    max_seq_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated")
+    max_seq_length: int = Field(512, ge=8, le=10**7, description="tokens per example; longer ones are truncated")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for validation")
     test_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows held out for testing")
     seed: int = Field(42, description="seed of the train/val/test shuffle")
@@ -105,11 +105,12 @@ class TrainConfig(Section):
     learning_rate: float | Literal["auto"] = Field(
         2e-4, description="peak learning rate after warmup; auto: found by a short range test before training "
         "(tunesmith lr-find; plot in plots/lr_find.png)")
-    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
-    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (accumulation = batch/micro); "
-                                  "unset: the largest divisor of batch_size up to 8")
-    epochs: float = Field(1.0, gt=0, description="passes over the training split (ignored if max_steps is set)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, ge=1, le=1_000_000, description="examples per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, le=1_000_000, description="examples per forward pass "
+                                  "(accumulation = batch/micro); unset: the largest divisor of batch_size up to 8")
+    epochs: float = Field(1.0, gt=0, le=10**6, description="passes over the training split (ignored if max_steps "
+                          "is set)")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="optimizer steps; overrides epochs")
     warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from 0 to learning_rate")
     lr_schedule: Literal["cosine", "linear", "constant", "step", "exponential", "cosine_restarts"] = Field(
         "cosine", description="decay after warmup: cosine | linear | constant | step (x lr_gamma every "
@@ -379,7 +380,10 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if raw is None:

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.errors import ConfigError
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # torch's "Invalid device string"
+        raise ConfigError(f"device {requested!r} is not a device: auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                          "that torch can use; use auto or cpu")
+    return device
 
 
 @lru_cache(maxsize=1)

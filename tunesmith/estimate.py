@@ -99,7 +99,7 @@ def model_config(spec: str):
     """The transformers config of a model spec, read without its weights."""
     from transformers import AutoConfig
 
-    from tunesmith.model.load import ALIASES, _alias_file, cache_root
+    from tunesmith.model.load import ALIASES, _alias_file, cache_root, first_line
 
     path = _alias_file(spec) if spec in ALIASES else Path(spec).expanduser()
     try:
@@ -112,7 +112,7 @@ def model_config(spec: str):
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoConfig.from_pretrained(str(path) if path.is_dir() else spec)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read the config of {spec}: {err}") from None
+        raise ModelError(f"cannot read the config of {spec}: {first_line(err)}") from None
 
 
 def meta_model(model_config_):
@@ -270,7 +270,10 @@ HEAP_KEEPS = 0.6
 
 def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torch.dtype, device: str,
                 trainable: int) -> dict[str, float]:
-    tokens = micro_batch * config.data.max_seq_length
+    # A pair is two sequences. The reference model of dpo/kto costs no memory: the adapter switched
+    # off, or (full) log-probs computed once before training.
+    sequences = micro_batch * (2 if config.objective in ("dpo", "orpo", "simpo") else 1)
+    tokens = sequences * config.data.max_seq_length
     activation_bytes = BYTES[dtype]
     chunk = min(config.train.loss_chunk_size, tokens)
     weights, _ = weight_bytes(config, inv, trainable, dtype)

@@ -41,6 +41,8 @@ class Setup:
 
 def set_up(config: RunConfig) -> Setup:
     run_dir = config.run_dir
+    if not distributed.under_torchrun():
+        pick_device(config.train.device)  # a device this machine lacks: refused before anything is written
     if config.init_from:  # the starting point becomes this run's model: chat, merge and export use it
         config = config.model_copy(update={"model": str(starting_model(config))})
     location = resolve(config.model)

@@ -72,10 +72,22 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[dict, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        _check_text(row, f"{path}:{number}")
         rows.append((row, f"{path}:{number}"))
     return rows
+
+
+def _check_text(row: dict, where: str) -> None:
+    """A JSON escape such as \\ud800 decodes to half a character that no tokenizer or file can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: text with an unpaired surrogate escape ({err.object[err.start:err.end]!a}); "
+                        "the character is not valid Unicode") from None
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[dict, str]]:
@@ -83,6 +95,8 @@ def _read_json_array(path: Path, text: str) -> list[tuple[dict, str]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -91,6 +105,7 @@ def _read_json_array(path: Path, text: str) -> list[tuple[dict, str]]:
     for index, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: item {index + 1} is a {type(row).__name__}, expected an object")
+        _check_text(row, f"{path}:item {index + 1}")
         rows.append((row, f"{path}:item {index + 1}"))
     return rows
 

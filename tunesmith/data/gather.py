@@ -62,6 +62,8 @@ def _removed_summary(report: clean.Report) -> str:
 
 def gather(config) -> Gathered:
     data = config.data
+    if not data.path:  # inspect reads the data without prepare's own check
+        raise DataError("data.path is not set: give a data file or folder (e.g. --data.path train.jsonl)")
     if data.folds > 1 and data.fold == 0:
         raise DataError(f"data.folds={data.folds} runs every fold only in prepare and finetune; here pick one "
                         f"with data.fold (1..{data.folds}) or give its run directory <run>/fold-<i>")

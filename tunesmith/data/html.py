@@ -10,6 +10,7 @@ becomes question/answer rows with data.columns: {question: heading, answer: body
 from __future__ import annotations
 
 import re
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -37,9 +38,13 @@ def read_html(path: Path, text: str, split: str) -> list[tuple[dict, str]]:
     title = soup.title.get_text(" ", strip=True) if soup.title else path.stem
     content = _main_content(soup)
     _drop_boilerplate(content)
-    if split == "headings":
-        return _sections(content, title, path)
-    body = page_text(content)
+    try:  # the text is walked out of the tree recursively, one level of Python per level of HTML
+        if split == "headings":
+            return _sections(content, title, path)
+        body = page_text(content)
+    except RecursionError:
+        raise DataError(f"{path}: elements nested too deeply to read (about {sys.getrecursionlimit()} "
+                        "levels or more)") from None
     return [({"title": title, "text": body}, str(path))]
 
 

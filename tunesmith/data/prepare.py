@@ -113,9 +113,13 @@ def _build(config: RunConfig, tokenizer, folder: Path, key: dict) -> Prepared:
     # Every user error is raised above, before anything is written.
     tmp = folder.with_name(f"data.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, (split, rows, _) in tokenized.items():
-        split.save(tmp / name)
-        write_rows(tmp / name, rows)
+    try:
+        for name, (split, rows, _) in tokenized.items():
+            split.save(tmp / name)
+            write_rows(tmp / name, rows)
+    except BaseException:  # a full disk or an interrupt: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     described = "none (text blocks)" if gathered.format == "text" else template.describe
     manifest = {"key": key, "format": formats, "template": described, "counts": counts,
                 "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "examples": total_kept,

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from tunesmith.data import formats
 from tunesmith.data.html import read_html
-from tunesmith.data.sql import read_sql_dump, rows_of
+from tunesmith.data.sql import no_other_files, read_sql_dump, rows_of
 from tunesmith.errors import DataError
 
 Rows = list[tuple[dict, str]]
@@ -173,6 +173,7 @@ def read_sqlite(path: Path, query: str | None, table: str | None) -> Rows:
         connection = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as err:
         raise DataError(f"{path}: cannot open the SQLite database ({err})") from None
+    connection.set_authorizer(no_other_files)  # mode=ro covers this file only; ATTACH would create others
     try:
         return rows_of(connection, path, query, table)
     finally:
@@ -187,8 +188,9 @@ def read_datasets_folder(path: Path) -> Rows:
                         "package: pip install 'tunesmith[datasets]'") from None
     try:
         loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise DataError(f"{path}: not a readable datasets folder ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 — a damaged folder raises many types (KeyError, TypeError, ...)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable datasets folder ({detail})") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if "train" not in loaded and len(names) != 1:

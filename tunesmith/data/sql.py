@@ -28,7 +28,7 @@ def read_sql_dump(path: Path, text: str, query: str | None, table: str | None) -
         raise DataError(f"{path}:{line}: a NUL character: this is not a SQL text file")
     mysql = bool(MYSQL_HINTS.search(text[:200_000]))
     connection = sqlite3.connect(":memory:")
-    connection.set_authorizer(_in_memory_only)
+    connection.set_authorizer(no_other_files)
     try:
         position = 0
         statements = [s for s in sqlparse.split(text) if s.strip()]
@@ -44,9 +44,9 @@ def read_sql_dump(path: Path, text: str, query: str | None, table: str | None) -
         connection.close()
 
 
-def _in_memory_only(action: int, *_details) -> int:
-    """sqlite3 authorizer: a dump runs inside one in-memory database and may not reach the disk
-    (ATTACH DATABASE 'x.db' creates the file)."""
+def no_other_files(action: int, *_details) -> int:
+    """sqlite3 authorizer: a dump (in memory) or data.query (on a read-only database) may not reach
+    other files on the disk (ATTACH DATABASE 'x.db' creates the file)."""
     return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
 
 

@@ -11,6 +11,7 @@ Pieces are tokenized one by one and concatenated. The prompt is therefore tokeni
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 from tunesmith.data.formats import Example
@@ -49,15 +50,28 @@ def choose(spec: str, tokenizer, system_prompt: str | None = None) -> Template:
         spec = "chat" if has_own_chat_template(tokenizer) else "alpaca"
     if spec in NAMED:
         return Template(spec, system_prompt=system_prompt)
-    if "{prompt}" not in spec:
+    fields = placeholders(spec)
+    if "prompt" not in fields:
         raise ConfigError(f"data.template={spec!r} is not one of {list(NAMED)} and, as a custom "
                           "template, it lacks the {prompt} placeholder")
+    unknown = sorted(fields - {"prompt", "input", "system"})  # also {input.x}, {system[0]}: no attribute access
+    if unknown:
+        raise ConfigError(f"data.template={spec!r}: only {{prompt}}, {{input}} and {{system}} "
+                          f"may appear in braces, not {{{unknown[0]}}}")
     try:
         spec.format(prompt="", input="", system="")
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(f"data.template={spec!r}: only {{prompt}}, {{input}} and {{system}} "
                           f"may appear in braces ({err})") from None
     return Template("custom", spec, system_prompt)
+
+
+def placeholders(spec: str) -> set[str]:
+    """The fields format() fills in: "{{prompt}}" is literal text, "{prompt.upper}" is not {prompt}."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(spec) if name is not None}
+    except ValueError:  # unbalanced braces: format() in choose() says which
+        return {"prompt"} if "{prompt}" in spec else set()
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:

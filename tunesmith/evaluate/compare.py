@@ -248,6 +248,9 @@ def print_table(results: dict) -> None:
 
 
 def main(config: RunConfig) -> int:
+    from tunesmith.device import pick_device, use_threads
+
+    use_threads(config.train.threads, pick_device(config.train.device))
     tuned = has_checkpoint(config.run_dir)
     if not tuned:
         say(f"No fine-tuned checkpoint in {config.run_dir}: evaluating the base model only")

@@ -17,6 +17,10 @@ MAX_SEED = 2**63 - 1  # a torch.Generator seed is a 64-bit integer; OpenAI clien
 # top-p sampling looks at this many of the most likely tokens first; only when they hold less than
 # top_p of the probability is the whole vocabulary sorted (49k tokens x rows: the slowest part of a step)
 NUCLEUS_CANDIDATES = 256
+# Dividing logits by a temperature (or a repetition penalty) this small overflows them to inf and the
+# probabilities to NaN; a positive temperature below it decodes greedily, its limit (as vLLM does).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,9 @@ class Sampling:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k} must be 0 (no limit) or more")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            problems.append(f"repetition_penalty={self.repetition_penalty} must be a positive number")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty >= MIN_REPETITION_PENALTY):
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be a number of at least "
+                            f"{MIN_REPETITION_PENALTY} (1 = no penalty)")
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
@@ -75,7 +80,7 @@ class Sampler:
             TopPLogitsWarper,
         )
 
-        self.greedy = sampling.temperature == 0.0
+        self.greedy = sampling.temperature < GREEDY_BELOW_TEMPERATURE
         self.sampling = sampling
         self.processors = LogitsProcessorList()
         if sampling.repetition_penalty != 1.0:

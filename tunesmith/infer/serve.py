@@ -132,7 +132,8 @@ def chat_messages(messages) -> list[dict]:
         if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{index}].role={message.role!r} is not supported "
                            "(system, developer, user, assistant)", f"messages[{index}].role")
-        out.append({"role": role, "content": _text(message.content, index)})
+        content = unicode_text(_text(message.content, index), f"messages[{index}].content")
+        out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", "messages")
     return out
@@ -148,6 +149,16 @@ def _text(content, index: int) -> str:
                            f"{part.get('type')!r}", f"messages[{index}].content")
         parts.append(part["text"])
     return "".join(parts)
+
+
+def unicode_text(text: str, param: str) -> str:
+    """JSON's "\\ud800" escape is valid JSON but not text: a tokenizer cannot read a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"{param} is not valid Unicode text (a lone surrogate at character {err.start})",
+                       param) from None
+    return text
 
 
 def unsupported(body, chat: bool) -> None:
@@ -453,6 +464,8 @@ def build_app(state: ServerState, on_stop=None):
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt is an empty list", "prompt")
+        for text in texts:
+            unicode_text(text, "prompt")
         check_fields(body, chat=False, prompts=len(texts), limits=state.limits)
         encode = served.loaded.encoder.encode_prompt
         prompts = await asyncio.to_thread(lambda: [encode(text) for text in texts])
@@ -476,6 +489,8 @@ def chat_prompt_ids(served: Served, messages: list[dict]) -> list[int]:
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the models load so that a busy port fails at once."""
+    if not 0 <= port <= 65535:
+        raise TunesmithError(f"--port {port} is not a port number (0-65535; 0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -559,12 +574,11 @@ def main(argv: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         say(f"Warning: listening on {args.host} without an API key: anyone who reaches this port can use the "
             f"models (set --api-key or ${API_KEY_ENV})")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise TunesmithError(f"--threads {args.threads} must be at least 1")
-        import torch
+    if args.threads is not None and args.threads < 1:
+        raise TunesmithError(f"--threads {args.threads} must be at least 1")
+    from tunesmith.device import pick_device, use_threads
 
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads, pick_device(args.device))
     sock = bind(args.host, args.port)
     models = load_models(args.model, [parse_adapter(a) for a in args.adapters], args.template, args.device,
                          args.precision)

@@ -99,7 +99,7 @@ def _convert_gguf_into(path: Path, target: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as err:  # the GGUF loader raises many types; name the file
-        raise ModelError(f"{path}: cannot load this GGUF file ({err})") from None
+        raise ModelError(f"{path}: cannot load this GGUF file ({first_line(err)})") from None
     # The weights are plain floats now; drop the loader's "quantized with gguf" marker so that
     # the model saves (and later loads) as an ordinary safetensors checkpoint.
     model.hf_quantizer = None
@@ -112,13 +112,19 @@ def _convert_gguf_into(path: Path, target: Path) -> Path:
     return target
 
 
+def first_line(err: Exception) -> str:
+    """The libraries' errors run over several lines (advice, links); an error of ours is one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_tokenizer(location: Path | str, *, quiet: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=False)
     except OSError as err:
-        raise ModelError(f"cannot load a tokenizer from {location}: {err}") from None
+        raise ModelError(f"cannot load a tokenizer from {location}: {first_line(err)}") from None
     if tokenizer.eos_token is None:
         raise ModelError(f"the tokenizer of {location} has no end-of-sequence token")
     if tokenizer.pad_token is None:
@@ -146,5 +152,5 @@ def load_model(location: Path | str, *, dtype: torch.dtype = torch.float32, devi
         model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="sdpa",
                                                      trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load a causal language model from {location}: {err}") from None
+        raise ModelError(f"cannot load a causal language model from {location}: {first_line(err)}") from None
     return model.to(device)

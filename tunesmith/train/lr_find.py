@@ -99,7 +99,7 @@ def _step(model, objective, optimizer, indices: list[int], rate: float, train_cf
 
 def _pick(rates, losses, smoothed, seconds: float, stopped: bool) -> Finding:
     finite = [(value, rate) for value, rate in zip(smoothed, rates) if math.isfinite(value)]
-    lowest_value, lowest_at = min(finite) if finite else (math.nan, rates[0])
+    _, lowest_at = min(finite) if finite else (math.nan, rates[0])
     return Finding(rates, losses, smoothed, lowest_at / PICK_DIVISOR, lowest_at, seconds, stopped)
 
 
