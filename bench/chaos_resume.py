@@ -607,17 +607,9 @@ def shown_command() -> str:
 
 
 def write_results(path: Path, section: list[str]) -> None:
-    """Replace this script's section of the file (between its markers), keeping every other section."""
-    body = "\n".join([RESULTS_BEGIN, *section, RESULTS_END]) + "\n"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    if RESULTS_BEGIN in old and RESULTS_END in old:
-        head, rest = old.split(RESULTS_BEGIN, 1)
-        new = head + body.rstrip("\n") + rest.split(RESULTS_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from results_md import write_section  # bench/ is on the path of a script run from it
+
+    write_section(path, "chaos_resume", section)
 
 
 # ---------------------------------------------------------------------------------------------
