@@ -3,6 +3,11 @@
     .venv/bin/python bench/preference_speed.py [--steps N] [--runs a,b,...] [--write]
     .venv/bin/python bench/preference_speed.py --quick      # tiny shapes, 3 steps: the script end to end
 
+Runs (default: tunesmith and the four TRL ones): tunesmith; trl (padded batches, the reference
+forward in every step); trl-precompute (precompute_ref_log_probs); trl-grouped (transformers'
+LengthGroupedSampler: pairs of similar length share a step, less padding); trl-grouped-precompute;
+on request trl-padding-free (TRL 1.16 falls back to padding for DPO), trl-gc and tunesmith-gc.
+
 Everyone does the same work: SmolLM2-135M-Instruct (the embedded model: tunesmith's alias resolves
 to a cached Hugging Face folder and TRL loads that very folder; no hub access), DPO with the
 sigmoid loss and beta 0.1, the reference being the model with its adapter switched off, LoRA r=16
@@ -22,7 +27,8 @@ read from the source files with `ast` (nothing is imported or executed), picked 
 tunesmith tokenizes the pairs with its own `prepare` (the model's chat template); TRL receives
 exactly those token ids (prompt, chosen and rejected ids, its own tokenization step skipped) in
 the order tunesmith's seeded step plan visits the pairs, with a sequential sampler, so both train
-on the same pairs in the same steps and process the same tokens.
+on the same pairs in the same steps and process the same tokens (the grouped runs: the same pairs
+and tokens overall, other pairs in each step).
 
 Each run is its own process, one at a time, so its peak memory (the kernel's peak RSS of that
 process, from wait4) is its own. Step 1 is a warm-up and is not timed; the timed part is steps
