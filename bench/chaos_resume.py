@@ -52,6 +52,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # after the thread setting above
+from processes import cpu_model  # bench/ is on the path of a script run from it
 from safetensors.torch import load_file
 
 from tunesmith.train import checkpoint
@@ -514,12 +515,7 @@ def run_line(result: RunResult) -> str:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"- Machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}"
 
 

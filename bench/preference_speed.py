@@ -55,18 +55,15 @@ import json
 import math
 import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from processes import last_error, run_measured  # bench/ is on the path of a script run from it
 
 from tunesmith.config import RunConfig, build
 from tunesmith.data.dataset import TokenizedSplit
@@ -421,23 +418,14 @@ def run_child(variant: Variant, spec: dict, work_dir: Path) -> Row:
             "result": str(run_dir / "result.json")}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     Path(spec["result"]).unlink(missing_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    started, busy_before = time.perf_counter(), busy_cpu_seconds()
-    with (run_dir / "child.log").open("w") as log:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(HERE.parent))
-        killer = threading.Timer(CHILD_TIMEOUT_SECONDS, lambda: os.kill(child.pid, signal.SIGKILL))
-        killer.start()
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak RSS alone
-        killer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)
-    row = Row(variant, ok=False, wall_seconds=time.perf_counter() - started,
-              peak_bytes=usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
-    others = busy_cpu_seconds() - busy_before - (usage.ru_utime + usage.ru_stime)
+    busy_before = busy_cpu_seconds()
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
+    child = run_measured(command, run_dir / "child.log", HERE.parent, CHILD_TIMEOUT_SECONDS)
+    row = Row(variant, ok=False, wall_seconds=child.wall_seconds, peak_bytes=child.peak_bytes)
+    others = busy_cpu_seconds() - busy_before - child.cpu_seconds
     row.other_cpu_share = max(0.0, others) / (row.wall_seconds * (os.cpu_count() or 1))
     if child.returncode != 0 or not Path(spec["result"]).is_file():
-        row.error = _last_error(run_dir / "child.log", child.returncode)
+        row.error = last_error(run_dir / "child.log", child.returncode)
         return row
     result = json.loads(Path(spec["result"]).read_text())
     row.ok, row.steps, row.extra = True, result.pop("steps"), result
@@ -450,15 +438,6 @@ def busy_cpu_seconds() -> float:
 
     times = psutil.cpu_times()
     return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-def _last_error(log_path: Path, code: int) -> str:
-    """The exception line of the child's traceback (or its last line), for the table."""
-    if code < 0:
-        return f"killed by signal {-code}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)]
-    return f"exit {code}: {(raised or lines or ['no output'])[-1][:240]}"
 
 
 def prepare_data(args, shapes: Shapes, work_dir: Path) -> tuple[Path, Path, dict]:
