@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from helpers import write_jsonl
@@ -596,3 +597,31 @@ def test_rows_the_method_cannot_train_are_refused_before_anything_is_written(cli
     line = one_error_line(result)
     assert str(path) in line and message in line, line
     assert not run_dir.exists()
+
+
+def test_init_from_starts_and_refers_to_the_finished_run(cli, llama, tmp_path):
+    """DPO from a supervised run: the run's adapter is merged into its base once (init-model), the new
+    run's model is that merged model, and at step 1 the policy equals the reference (loss log 2, margin
+    0). Had the raw base been the reference, the merged SFT update would make the first margin non-zero."""
+    from helpers import fast_train_flags, qa_rows
+    from safetensors.torch import load_file
+
+    sft = tmp_path / "sft"
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24))
+    result = cli("finetune", "--model", llama, "--data.path", data, "--out_dir", sft,
+                 *fast_train_flags(max_steps=4, batch=4, micro=4), "--train.learning_rate", 5e-2)
+    assert result.code == 0, result.err
+    path = write_jsonl(tmp_path / "pairs.jsonl", planted_pairs(40))
+    run = tmp_path / "dpo"
+    result = cli("finetune", "--model", llama, "--method", "dpo", "--init_from", sft, "--data.path", path,
+                 "--out_dir", run, *fast_train_flags(max_steps=2, batch=8, micro=8), "--lora.dropout", 0)
+    assert result.code == 0, result.err
+    merged = run / "init-model"
+    assert json.loads((merged / "merge_info.json").read_text())["source"] == str((sft / "best").resolve())
+    base = load_file(str(next(llama.glob("*.safetensors"))))
+    tuned = load_file(str(next(merged.glob("*.safetensors"))))
+    assert any(not torch.equal(tuned[k], base[k]) for k in base if k in tuned)  # the SFT update is in it
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"] == str(merged) and saved["init_from"] == str(sft)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["reward_margin"] == 0 and first["loss"] == pytest.approx(math.log(2))

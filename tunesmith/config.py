@@ -179,6 +179,7 @@ class PromptAdapterConfig(Section):
 
 
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+PAIRED_METHODS = ("dpo", "orpo", "simpo")  # trained on chosen/rejected pairs; kto on single answers
 WEIGHT_METHODS = ("lora", "full", "qlora", "dora", "adapter")
 # beta of each preference method when preference.beta is unset (the papers' usual values)
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}

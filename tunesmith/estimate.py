@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import RunConfig
+from tunesmith.config import PAIRED_METHODS, RunConfig
 from tunesmith.errors import ConfigError, ModelError
 
 GiB = 2**30
@@ -272,7 +272,7 @@ def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torc
                 trainable: int) -> dict[str, float]:
     # A pair is two sequences. The reference model of dpo/kto costs no memory: the adapter switched
     # off, or (full) log-probs computed once before training.
-    sequences = micro_batch * (2 if config.objective in ("dpo", "orpo", "simpo") else 1)
+    sequences = micro_batch * (2 if config.objective in PAIRED_METHODS else 1)
     tokens = sequences * config.data.max_seq_length
     activation_bytes = BYTES[dtype]
     chunk = min(config.train.loss_chunk_size, tokens)

@@ -105,7 +105,8 @@ def resolve_learning_rate(model, objective, config: RunConfig, group) -> tuple[R
     from tunesmith.train import lr_find
 
     finding = lr_find.load(config.run_dir) if config.resume else None
-    if finding is None:
+    found_now = finding is None
+    if found_now:
         finding = lr_find.find(model, objective, config.train, group=group)
         if group.is_main:
             lr_find.save(finding, config.run_dir)
@@ -113,7 +114,7 @@ def resolve_learning_rate(model, objective, config: RunConfig, group) -> tuple[R
     else:
         say(f"learning_rate auto: reusing the pick of {config.run_dir / 'lr_find.json'}: {finding.pick:.2e}")
     train = config.train.model_copy(update={"learning_rate": finding.pick})
-    return config.model_copy(update={"train": train}), finding.seconds if not config.resume else 0.0
+    return config.model_copy(update={"train": train}), finding.seconds if found_now else 0.0
 
 
 def make_objective(model, config: RunConfig, prepared, device, dtype, group):

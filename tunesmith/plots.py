@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -51,10 +52,7 @@ def _preference(train: list[dict], val: list[dict], path: Path) -> Path:
     for axes in (left, right):
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def _loss(train: list[dict], val: list[dict], path: Path) -> Path:
@@ -69,10 +67,7 @@ def _loss(train: list[dict], val: list[dict], path: Path) -> Path:
     axes.set_ylabel("loss (per supervised token)")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def _single(train: list[dict], key: str, label: str, path: Path) -> Path:
@@ -81,6 +76,29 @@ def _single(train: list[dict], key: str, label: str, path: Path) -> Path:
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def lr_find(finding, path: Path) -> Path:
+    """The learning-rate range test (train/lr_find.py): loss against rate, the pick marked."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(finding.rates, finding.losses, alpha=0.35, label="loss")
+    axes.plot(finding.rates, finding.smoothed, label="smoothed loss")
+    axes.axvline(finding.pick, color="tab:green", linestyle="--", label=f"picked {finding.pick:.1e}")
+    axes.axvline(finding.lowest_at, color="tab:gray", linestyle=":", label=f"lowest at {finding.lowest_at:.1e}")
+    axes.set_xscale("log")
+    finite = [v for v in finding.smoothed if math.isfinite(v)]
+    if finite:
+        axes.set_ylim(min(finite) * 0.95, min(max(finite), finite[0] * 1.5) * 1.05)
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -32,6 +32,15 @@ def shown(url: str) -> str:
         return url
 
 
+def _create(optuna, storage, name: str, sampler, pruner):
+    """A new study, or None when another worker created it a moment ago (it is then joined)."""
+    try:
+        return optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
+                                   pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        return None
+
+
 def make_storage(optuna, url: str, attempts: int = 3):
     import sqlalchemy
 
@@ -61,12 +70,8 @@ def open_study(optuna, url: str, name: str, space: Space, resume: bool, sweep_di
         if any(sweep_dir.glob("trial-*")):
             raise TunesmithError(f"{sweep_dir} holds trial directories of another study; "
                                  "use another out_dir for a new sweep")
-        try:
-            study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
-                                        sampler=sampler, pruner=pruner)
-        except optuna.exceptions.DuplicatedStudyError:
-            pass  # another worker created it a moment ago: join it below
-        else:
+        study = _create(optuna, storage, name, sampler, pruner)
+        if study is not None:
             queued = queue_budget(study, space)
             budget = [f"{queued} trials" if queued else "", f"{space.minutes:g} minutes" if space.minutes else ""]
             say(f"Sweep {sweep_dir}: study {name!r} in {shown(url)}; {len(space.params)} keys, sampler "

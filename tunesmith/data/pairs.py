@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from tunesmith.config import PAIRED_METHODS
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.data.formats import PAIR_FORMATS, ROLES, Example
 from tunesmith.data.templates import Encoder, Template, pieces, prompt_text
@@ -27,7 +28,6 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 LABELS = {"true": True, "false": False, "1": True, "0": False, "desirable": True, "undesirable": False,
           "good": True, "bad": False, "yes": True, "no": False}
-PAIRED_METHODS = ("dpo", "orpo", "simpo")
 
 
 def to_preference_example(row: dict, where: str, fmt: str) -> Example:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tunesmith.config import RunConfig
+from tunesmith.config import PAIRED_METHODS, RunConfig
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.data.prepare import prepare
 from tunesmith.errors import TunesmithError
@@ -76,9 +76,10 @@ def score(loaded: Loaded, split: TokenizedSplit, rows: list[dict], config: RunCo
     if split.labels is not None:  # a preference run: rank chosen vs rejected; the loss is on chosen answers
         from tunesmith.evaluate.preference import preference_scores
 
-        preference = preference_scores(loaded.model, split, config.objective != "kto", loaded.device,
+        preference = preference_scores(loaded.model, split, config.objective in PAIRED_METHODS, loaded.device,
                                        config.train.micro_batch_size)
-    loss = preference.get("test_loss") or test_loss(loaded, split, len(rows), config.train.micro_batch_size)
+    loss = preference["test_loss"] if preference else test_loss(loaded, split, len(rows),
+                                                                  config.train.micro_batch_size)
     with tqdm(total=len(rows), desc=f"generating ({loaded.label})", unit="row",
               dynamic_ncols=True) as bar:
         answers, hit_limit = generate_with_limits(loaded, [r["prompt"] for r in rows], max_new_tokens,

@@ -147,11 +147,8 @@ class Run:
     state: LoopState
     metrics: MetricsLog | None
     scalars: object | None
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)  # after sharding: what the optimizer steps
     bar: tqdm | None = None
-
-    @property
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def log(self, record: dict) -> None:
         for sink in (self.metrics, self.scalars):
@@ -223,12 +220,14 @@ def _start(model, tokenizer, config: RunConfig, objective, device, resume_from: 
     if resume_from is not None:
         state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer, group))
         say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not sharded:  # FSDP ranks each load the same weights, then keep only their shards
-        group.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        group.broadcast_parameters(trainable)
     kept = state.step if resume_from else None
     metrics = MetricsLog(config.run_dir / "metrics.jsonl", keep_through_step=kept) if group.is_main else None
     scalars = _scalar_log(config, kept) if group.is_main else None
-    return Run(model, tokenizer, config, objective, optimizer, plan, group, sharded, state, metrics, scalars)
+    return Run(model, tokenizer, config, objective, optimizer, plan, group, sharded, state, metrics, scalars,
+               trainable)
 
 
 def _optimizer_step(session: Run, step: int, lr: float):

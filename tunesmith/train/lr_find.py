@@ -65,7 +65,8 @@ def find(model, objective, train_cfg, steps: int = STEPS, low: float = LOW, high
     try:
         for step in range(steps):
             rate = low * (high / low) ** (step / max(steps - 1, 1))
-            loss = _step(model, objective, optimizer, group.share(plan.step_indices(step)), rate, train_cfg, group)
+            loss = _step(model, trainable, objective, optimizer, group.share(plan.step_indices(step)), rate,
+                         train_cfg, group)
             average = SMOOTHING * average + (1 - SMOOTHING) * loss
             value = average / (1 - SMOOTHING ** (step + 1))
             rates.append(rate)
@@ -83,13 +84,13 @@ def find(model, objective, train_cfg, steps: int = STEPS, low: float = LOW, high
     return _pick(rates, losses, smoothed, time.perf_counter() - started, stopped)
 
 
-def _step(model, objective, optimizer, indices: list[int], rate: float, train_cfg, group: Group) -> float:
+def _step(model, trainable, objective, optimizer, indices: list[int], rate: float, train_cfg, group: Group
+          ) -> float:
     for param_group in optimizer.param_groups:
         param_group["lr"] = rate
     batches = [objective.batch("train", indices[i: i + train_cfg.micro_batch_size])
                for i in range(0, len(indices), train_cfg.micro_batch_size)]
     loss, _ = objective.step(model, batches)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     group.sum_gradients(trainable)
     torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf)
     optimizer.step()
@@ -109,7 +110,9 @@ def save(finding: Finding, run_dir: Path) -> Path:
     tmp = run_dir / "lr_find.json.tmp"
     tmp.write_text(json.dumps(asdict(finding), indent=2))
     tmp.replace(run_dir / "lr_find.json")
-    return plot(finding, run_dir / "plots" / "lr_find.png")
+    from tunesmith import plots
+
+    return plots.lr_find(finding, run_dir / "plots" / "lr_find.png")
 
 
 def load(run_dir: Path) -> Finding | None:
@@ -118,29 +121,3 @@ def load(run_dir: Path) -> Finding | None:
         return Finding(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-
-
-def plot(finding: Finding, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(finding.rates, finding.losses, alpha=0.35, label="loss")
-    axes.plot(finding.rates, finding.smoothed, label="smoothed loss")
-    axes.axvline(finding.pick, color="tab:green", linestyle="--", label=f"picked {finding.pick:.1e}")
-    axes.axvline(finding.lowest_at, color="tab:gray", linestyle=":", label=f"lowest at {finding.lowest_at:.1e}")
-    axes.set_xscale("log")
-    finite = [v for v in finding.smoothed if math.isfinite(v)]
-    if finite:
-        axes.set_ylim(min(finite) * 0.95, min(max(finite), finite[0] * 1.5) * 1.05)
-    axes.set_xlabel("learning rate")
-    axes.set_ylabel("training loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path

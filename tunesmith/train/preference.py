@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tunesmith.config import PAIRED_METHODS
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, pack_sequences
 from tunesmith.train.distributed import Group
 from tunesmith.train.loss import token_logps, unwrap
 
-PAIRED = ("dpo", "orpo", "simpo")
 WITH_REFERENCE = ("dpo", "kto")
 FIGURES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")
 
@@ -58,7 +58,7 @@ class Settings:
 
     @property
     def paired(self) -> bool:
-        return self.method in PAIRED
+        return self.method in PAIRED_METHODS
 
     @property
     def uses_reference(self) -> bool:
