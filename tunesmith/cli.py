@@ -99,6 +99,12 @@ def _sweep(argv):
     return sweep.main(argv)
 
 
+def _studio(argv):
+    from tunesmith.studio import command
+
+    return command.main(argv)
+
+
 # verb → (entry point, takes a config?, one-line description)
 VERBS = {
     "prepare": (_prepare, True, "clean, split, template and tokenize the data into <run>/data"),
@@ -115,6 +121,7 @@ VERBS = {
     "merge": (_merge, False, "fold a LoRA/DoRA/QLoRA adapter into the base: a plain HF model directory"),
     "export": (_export, False, "write the fine-tuned model as GGUF (f16, q8_0), checked by reloading it"),
     "estimate": (_estimate, False, "memory by component, FLOPs, and the micro batch that fits, without weights"),
+    "studio": (_studio, False, "the whole job in a browser: runs and live curves, new run, compare, chat, ship"),
     "demo": (_demo, False, "the built-in end-to-end demo: evaluate, fine-tune, evaluate again"),
 }
 

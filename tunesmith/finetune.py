@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunesmith import config as config_module
+from tunesmith import locks
 from tunesmith import plots
 from tunesmith.config import RunConfig, dump
 from tunesmith.data.prepare import data_key, prepare, summary_lines
@@ -81,19 +83,21 @@ def set_up(config: RunConfig) -> Setup:
 def finetune(config: RunConfig) -> loop.TrainResult:
     run_dir = config.run_dir
     run = set_up(config)
-    try:
-        objective = make_objective(run.model, run.config, run.prepared, run.device, run.dtype, run.group)
-        config, finder_seconds = resolve_learning_rate(run.model, objective, run.config, run.group)
-        result = loop.run(run.model, run.tokenizer, config, objective, run.device, run.dtype, run.resume_from,
-                          run.group)
-        result = dataclasses.replace(result, finder_seconds=finder_seconds)
-    finally:
-        distributed.stop(run.group)
-    if run.group.is_main:
-        plots.curves(run_dir)
-        from tunesmith.report import write_report
+    held = locks.training(run_dir) if run.group.is_main else contextlib.nullcontext()
+    with held:  # the studio reads it: running, and which process a Stop goes to
+        try:
+            objective = make_objective(run.model, run.config, run.prepared, run.device, run.dtype, run.group)
+            config, finder_seconds = resolve_learning_rate(run.model, objective, run.config, run.group)
+            result = loop.run(run.model, run.tokenizer, config, objective, run.device, run.dtype,
+                              run.resume_from, run.group)
+            result = dataclasses.replace(result, finder_seconds=finder_seconds)
+        finally:
+            distributed.stop(run.group)
+        if run.group.is_main:
+            plots.curves(run_dir)
+            from tunesmith.report import write_report
 
-        write_report(config)  # curves and diagnosis now; `evaluate` adds its results to it
+            write_report(config)  # curves and diagnosis now; `evaluate` adds its results to it
     return result
 
 

@@ -34,3 +34,40 @@ def exclusive(target: Path) -> Iterator[None]:
     finally:
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+
+
+TRAINING_LOCK = ".training.lock"  # in the run directory, with the training process's pid
+
+
+@contextmanager
+def training(run_dir: Path) -> Iterator[None]:
+    """Held by the process training `run_dir` (the kernel lets go if it dies): `training_pid` tells a
+    running run from an interrupted one, and which process to send Ctrl-C's signal to."""
+    descriptor = os.open(run_dir / TRAINING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The pid of the process training `run_dir` now (0 if it is unreadable), or None if none is."""
+    path = run_dir / TRAINING_LOCK
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # several readers may look at once
+    except BlockingIOError:
+        text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)

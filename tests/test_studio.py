@@ -1,0 +1,255 @@
+"""tunesmith studio's API: runs read from disk as they are (statuses, damaged metrics, deleted runs),
+the New-run form's checks, runs started, stopped and resumed as real CLI processes, answers
+streamed from the base and tuned models, comparison of runs, and the key off loopback.
+The page itself is driven in a real browser in test_studio_browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import fast_train_flags, qa_rows, write_jsonl
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tunesmith import locks  # noqa: E402
+from tunesmith.studio.app import create_app  # noqa: E402
+
+
+@pytest.fixture
+def studio(tmp_path):
+    root = tmp_path / "runs"
+    return root, TestClient(create_app(root))
+
+
+def wait_for(client, name: str, statuses: set[str], timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = client.get(f"/api/runs/{name}").json()
+        if run.get("status") in statuses:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"{name} never reached {statuses}: {run}")
+
+
+def fake_run(root: Path, name: str, config: dict, metrics: list, folders: tuple[str, ...] = ()) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("\n".join(m if isinstance(m, str) else json.dumps(m) for m in metrics) + "\n")
+    for sub in folders:
+        (folder / sub).mkdir()
+    os.utime(folder / "metrics.jsonl", (time.time() - 3600, time.time() - 3600))  # not written lately
+    return folder
+
+
+CURVE = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "tokens_per_second": 100.0} for s in range(1, 9)]
+
+
+def test_runs_show_status_read_from_disk(studio):
+    root, client = studio
+    fake_run(root, "done", {"method": "lora", "data": {"path": "a.jsonl"}, "train": {"max_steps": 8}},
+             [*CURVE, {"step": 8, "val_loss": 0.5}], ("final",))
+    fake_run(root, "stopped-midway", {"method": "dora"}, CURVE[:4], ("step-000004",))
+    runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert runs["done"]["status"] == "finished"
+    assert runs["done"]["step"] == 8 and runs["done"]["max_steps"] == 8 and runs["done"]["best_val_loss"] == 0.5
+    assert runs["done"]["data"] == "a.jsonl"
+    assert runs["stopped-midway"]["status"] == "interrupted" and runs["stopped-midway"]["resumable"]
+    assert runs["stopped-midway"]["method"] == "dora"
+    detail = client.get("/api/runs/done").json()
+    assert [p[0] for p in detail["curves"]["loss"]] == list(range(1, 9))
+    assert detail["curves"]["val_loss"] == [[8, 0.5]]
+    assert detail["diagnosis"]["headline"]
+    assert detail["commands"]["evaluate"] == f"tunesmith evaluate {root.resolve() / 'done'}"
+
+
+def test_a_training_process_shows_as_running_and_is_the_one_stop_signals(studio):
+    root, client = studio
+    folder = fake_run(root, "live", {}, CURVE[:2], ("step-000002",))
+    with locks.training(folder):
+        assert locks.training_pid(folder) == os.getpid()
+        assert client.get("/api/runs/live").json()["status"] == "running"
+    assert locks.training_pid(folder) is None
+    assert client.get("/api/runs/live").json()["status"] == "interrupted"
+    assert client.post("/api/runs/live/stop").status_code == 409  # nothing trains it any more
+
+
+def test_damaged_metrics_line_is_named_and_skipped(studio):
+    root, client = studio
+    lines = [json.dumps(CURVE[0]), "{not json", json.dumps(CURVE[1]), '{"step": 3, "lo']  # last: half-written
+    fake_run(root, "damaged", {}, lines, ("final",))
+    detail = client.get("/api/runs/damaged").json()
+    assert detail["problems"] == ["metrics.jsonl line 2 is not a JSON record; skipped"]
+    assert [p[0] for p in detail["curves"]["loss"]] == [1, 2]
+
+
+def test_unknown_or_deleted_run_is_a_404_with_a_reason(studio):
+    root, client = studio
+    response = client.get("/api/runs/nope")
+    assert response.status_code == 404 and "no run 'nope'" in response.json()["problems"][0]
+    assert client.get("/api/runs/..%2F..%2Fetc").status_code == 404
+    folder = fake_run(root, "gone", {}, CURVE, ("final",))
+    assert client.get("/api/runs/gone").status_code == 200
+    import shutil
+
+    shutil.rmtree(folder)
+    assert client.get("/api/runs/gone").status_code == 404
+    assert client.post("/api/runs/gone/evaluate").status_code == 404
+    assert client.get("/api/runs").json()["runs"] == []
+
+
+def test_form_lists_every_key_and_checks_values_like_the_cli(studio, llama, tmp_path):
+    root, client = studio
+    fields = {f["key"]: f for f in client.get("/api/fields").json()["fields"]}
+    assert fields["method"]["choices"][:2] == ["lora", "full"] and fields["method"]["basic"]
+    assert fields["train.learning_rate"]["doc"] and "out_dir" not in fields
+    bad = client.post("/api/check", json={"name": "x", "values": {"train.learning_rate": "fast",
+                                                                  "lora.r": "0", "nonsense.key": "1"}}).json()
+    assert any(p.startswith("train.learning_rate") for p in bad["problems"])
+    assert any(p.startswith("lora.r") for p in bad["problems"])
+    assert any("nonsense.key" in p for p in bad["problems"])
+    fake_run(root, "taken", {}, CURVE, ("final",))
+    assert "already exists" in client.post("/api/check", json={"name": "taken", "values": {}}).json()["problems"][0]
+    assert "run name" in client.post("/api/check", json={"name": "../up", "values": {}}).json()["problems"][0]
+    response = client.post("/api/runs", json={"name": "y", "values": {"train.epochs": "-1"}})
+    assert response.status_code == 422 and not (root / "y").exists()
+
+
+def test_check_runs_the_doctor_and_the_estimate(studio, llama, tmp_path):
+    root, client = studio
+    write_jsonl(root / "qa.jsonl", qa_rows(40))
+    result = client.post("/api/check", json={"name": "ok", "values": {"model": str(llama), "data.path": "qa.jsonl"}}).json()
+    assert result["problems"] == []
+    assert result["doctor"]["rows"]["train"] + result["doctor"]["rows"]["val"] + result["doctor"]["rows"]["test"] == 40
+    assert result["doctor"]["verdict"].startswith("ready to train")
+    assert client.get(f"/api/doctor/{result['doctor']['plot']}").content[:4] == b"\x89PNG"
+    assert result["memory"]["fits"] is True and result["memory"]["largest_micro_batch"] > 0
+    assert f"--data.path={(root / 'qa.jsonl').resolve()}" in result["command"]
+    missing = client.post("/api/check", json={"name": "ok", "values": {"model": str(llama), "data.path": "nope.jsonl"}})
+    assert missing.json()["doctor"]["verdict"] == "cannot read the data"
+    assert not (root / "ok").exists()  # checking writes no run
+
+
+def test_start_stop_resume_as_real_processes(studio, llama):
+    root, client = studio
+    write_jsonl(root / "qa.jsonl", qa_rows(40))
+    values = {"model": str(llama), "data.path": "qa.jsonl", "train.max_steps": "400", "train.save_interval": "0",
+              **{k.lstrip("-"): str(v) for k, v in zip(fast_train_flags()[::2], fast_train_flags()[1::2])
+                 if k != "--train.max_steps"}}
+    started = client.post("/api/runs", json={"name": "long", "values": values})
+    assert started.status_code == 200 and started.json()["command"].startswith("tunesmith finetune --out_dir=")
+    run = wait_for(client, "long", {"running"})
+    while not run["curves"].get("loss"):
+        run = client.get("/api/runs/long").json()
+        time.sleep(0.3)
+    assert client.post("/api/runs/long/evaluate").status_code == 409  # busy training
+    assert client.post("/api/runs/long/stop").status_code == 200
+    stopped = wait_for(client, "long", {"interrupted"})
+    assert stopped["resumable"] and "Resume with" in stopped["log"]
+    resumed = client.post("/api/runs/long/resume").json()
+    assert resumed["command"] == f"tunesmith finetune {(root / 'long').resolve()} --resume"
+    wait_for(client, "long", {"running"})
+    client.post("/api/runs/long/stop")
+    wait_for(client, "long", {"interrupted"})
+
+
+def test_a_failed_run_shows_the_cli_error(studio, llama):
+    root, client = studio
+    (root / "broken.jsonl").write_text('{"question": "a", "answer": "b"}\nnot json\n')
+    client.post("/api/runs", json={"name": "broken", "values": {"model": str(llama), "data.path": "broken.jsonl"}})
+    run = wait_for(client, "broken", {"failed"}, timeout=120)
+    assert run["error"].endswith("broken.jsonl:2: not valid JSON (Expecting value at column 1)")
+    assert [r["status"] for r in client.get("/api/runs").json()["runs"]] == ["failed"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, llama):
+    from tunesmith.cli import main
+
+    root = tmp_path_factory.mktemp("studio-runs")
+    data = write_jsonl(root / "qa.jsonl", qa_rows(30))
+    code = main(["finetune", "--model", str(llama), "--data.path", str(data), "--out_dir", str(root / "tuned"),
+                 *map(str, fast_train_flags(max_steps=20)), "--train.learning_rate", "0.03"])
+    assert code == 0
+    return root
+
+
+def test_chat_streams_the_same_answers_as_generate(finished_run):
+    from tunesmith.infer.generate import generate, load_base, load_run, template_prompt
+
+    client = TestClient(create_app(finished_run))
+    prompt = "What is 3 plus one?"
+    streamed = {side: client.post("/api/chat", json={"run": "tuned", "side": side, "prompt": prompt,
+                                                     "max_new_tokens": 12}).text for side in ("base", "tuned")}
+    tuned = load_run(finished_run / "tuned", device="cpu")
+    from tunesmith import config as config_module
+
+    run_config = config_module.load(finished_run / "tuned" / "config.yaml")
+    base = load_base(run_config.model, run_config.data.template, device="cpu")
+    for side, loaded in (("base", base), ("tuned", tuned)):
+        expected = generate(loaded, [template_prompt(loaded, prompt)], max_new_tokens=12)[0]
+        assert streamed[side].strip() == expected
+    assert streamed["base"] != streamed["tuned"]  # the adapter is really in the tuned one
+
+
+def test_chat_refuses_bad_requests_with_4xx(finished_run):
+    client = TestClient(create_app(finished_run))
+    assert client.post("/api/chat", json={"run": "tuned", "side": "neither", "prompt": "x"}).status_code == 400
+    assert client.post("/api/chat", json={"run": "tuned", "prompt": "  "}).status_code == 400
+    assert client.post("/api/chat", json={"run": "tuned", "prompt": "x", "temperature": 9}).status_code == 400
+    assert client.post("/api/chat", json={"run": "missing", "prompt": "x"}).status_code == 404
+    assert client.post("/api/chat", json=["not", "an", "object"]).status_code == 400
+
+
+def predictions(folder: Path, rows: list[tuple[str, bool, str, bool]]) -> None:
+    (folder / "eval").mkdir()
+    (folder / "eval" / "predictions.jsonl").write_text("".join(json.dumps(
+        {"where": f"qa.jsonl:{i}", "prompt": [{"role": "user", "content": f"q{i}"}], "reference": "r",
+         "base": base, "base_exact_match": float(base_right), "tuned": tuned, "tuned_exact_match": float(tuned_right)})
+        + "\n" for i, (base, base_right, tuned, tuned_right) in enumerate(rows)))
+    (folder / "eval" / "results.json").write_text(json.dumps({"base": {"exact_match": 0.5}, "tuned": {"exact_match": 0.6}}))
+
+
+def test_compare_shows_differences_and_filters_rows(studio):
+    root, client = studio
+    a = fake_run(root, "a", {"method": "lora", "train": {"learning_rate": 1e-4, "seed": 1}, "out_dir": "x"}, CURVE, ("final",))
+    b = fake_run(root, "b", {"method": "lora", "train": {"learning_rate": 3e-4, "seed": 1}, "out_dir": "y"}, CURVE, ("final",))
+    predictions(a, [("r", True, "r", True), ("w", False, "r", True), ("r", True, "r", True)])
+    predictions(b, [("r", True, "w", False), ("w", False, "w", False), ("r", True, "r", True)])
+    c = client.get("/api/compare?run=a&run=b").json()
+    assert c["differences"] == [{"key": "train.learning_rate", "values": [1e-4, 3e-4]}]
+    assert c["total"] == 3 and len(c["curves"]) == 2
+    assert client.get("/api/compare?run=a&run=b&filter=failures").json()["total"] == 2
+    regressions = client.get("/api/compare?run=a&run=b&filter=regressions").json()
+    assert [r["where"] for r in regressions["rows"]] == ["qa.jsonl:0"]
+    assert regressions["rows"][0]["runs"] == [{"answer": "r", "right": True}, {"answer": "w", "right": False}]
+    assert client.get("/api/compare?run=a").status_code == 400
+    assert client.get("/api/compare?run=a&run=zzz").status_code == 404
+
+
+def test_upload_keeps_the_file_and_refuses_odd_names(studio):
+    root, client = studio
+    done = client.put("/api/upload/my-data.jsonl", content=b'{"q": 1}\n').json()
+    assert (root / done["path"]).read_bytes() == b'{"q": 1}\n' and done["bytes"] == 9
+    assert client.put("/api/upload/.hidden", content=b"x").status_code == 400
+
+
+def test_key_guards_everything_but_the_page(tmp_path):
+    client = TestClient(create_app(tmp_path, api_key="s3cret"))
+    assert client.get("/").status_code == 200
+    assert client.get("/api/runs").status_code == 401
+    assert client.get("/api/runs?token=s3cret").status_code == 200
+    assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_studio_refuses_other_hosts_without_a_key(cli, tmp_path):
+    result = cli("studio", "--host", "0.0.0.0", "--runs", tmp_path)
+    assert result.code == 2 and "--api-key" in result.err
+    result = cli("studio", "--runs", tmp_path / "file", "--port", "0")
+    assert result.code == 2 and "--port 0" in result.err

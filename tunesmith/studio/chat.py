@@ -1,0 +1,79 @@
+"""Answers streamed from a run's base model and its tuned one, side by side for the same prompt:
+both loaded as `tunesmith chat` loads them (the run's own template), kept while in use."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunesmith.infer.generate import Loaded, conversation_prompt, load_base, load_run, stop_token_ids
+from tunesmith.infer.request import Request, Sampling
+
+KEEP_MODELS = 2  # a base and a tuned model in memory; a third evicts the oldest
+DONE = object()
+
+
+class Models:
+    def __init__(self):
+        self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
+        self.locks: dict[tuple[str, str], threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def get(self, folder: Path, side: str) -> tuple[Loaded, threading.Lock]:
+        key = (str(folder), side)
+        with self.guard:
+            lock = self.locks.setdefault(key, threading.Lock())
+        with lock:  # one load per model, however many pages ask at once
+            with self.guard:
+                if key in self.loaded:
+                    self.loaded.move_to_end(key)
+                    return self.loaded[key], lock
+            loaded = _load(folder, side)
+            with self.guard:
+                self.loaded[key] = loaded
+                while len(self.loaded) > KEEP_MODELS:
+                    self.loaded.popitem(last=False)
+        return loaded, lock
+
+
+def _load(folder: Path, side: str) -> Loaded:
+    from tunesmith import config as config_module
+
+    if side == "tuned":
+        return load_run(folder, device="cpu")
+    run_config = config_module.load(folder / "config.yaml")
+    return load_base(run_config.model, run_config.data.template, run_config.data.system_prompt, device="cpu")
+
+
+def stream(models: Models, folder: Path, side: str, messages: list[dict], sampling: Sampling) -> Iterator[str]:
+    """Load the model now (its errors are the caller's); then the answer's pieces as they are
+    decoded. Closing the iterator (the page went away) stops the answer."""
+    loaded, lock = models.get(folder, side)
+    prompt_ids = loaded.encoder.encode_prompt(conversation_prompt(loaded, messages))
+    return _pieces(loaded, lock, Request(prompt_ids, sampling))
+
+
+def _pieces(loaded: Loaded, lock: threading.Lock, request: Request) -> Iterator[str]:
+    pieces: queue.Queue = queue.Queue()
+    request.on_text = pieces.put
+
+    def work() -> None:
+        from tunesmith.infer.engine import decode
+
+        try:
+            with lock:  # one answer at a time per model; the other side runs beside it
+                decode(loaded.model, loaded.tokenizer, [request], stop_token_ids(loaded),
+                       loaded.tokenizer.pad_token_id)
+        except Exception as err:  # noqa: BLE001 — shown to the page as this answer's error
+            pieces.put(f"\n[error: {err}]")
+        pieces.put(DONE)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (piece := pieces.get()) is not DONE:
+            yield piece
+    finally:
+        request.cancelled = True
