@@ -91,10 +91,10 @@ def add_run_routes(app: FastAPI, studio: Studio) -> None:
 
     @app.get("/api/runs/{name}")
     def run_detail(name: str):
-        if not (studio.root / name).is_dir() and studio.jobs.latest(name) is None:
-            studio.folder(name)  # raises the 404 with its reason
         if name.startswith(".") or "/" in name:
             raise Problem(404, f"{name!r} is not a run")
+        if not runs.folderless(studio.root, name, studio.jobs):
+            studio.folder(name)  # no folder and no job starting it: the 404 with its reason
         return runs.detail(studio.root, name, studio.jobs)
 
     @app.get("/api/runs/{name}/plots/{file}")

@@ -36,7 +36,8 @@ def config_differences(folders: list[Path]) -> list[dict]:
 
 
 def predictions(folder: Path) -> dict[str, dict]:
-    """The run's per-row evaluation, by the row's source location."""
+    """The run's per-row evaluation, by the row's content (prompt and reference): runs trained from
+    copies of one file in different places still line up."""
     rows = {}
     try:
         lines = (folder / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
@@ -47,8 +48,8 @@ def predictions(folder: Path) -> dict[str, dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "where" in record:
-            rows[str(record["where"])] = record
+        if isinstance(record, dict) and "prompt" in record:
+            rows[json.dumps([record["prompt"], record.get("reference")], sort_keys=True)] = record
     return rows
 
 
@@ -62,11 +63,11 @@ def answers(folders: list[Path], which: str = "all") -> dict:
     """Rows every evaluated run answered: the base answer (the first run's), each run's, right or not."""
     per_run = [predictions(folder) for folder in folders]
     evaluated = [p for p in per_run if p]
-    shared = [w for w in evaluated[0] if all(w in p for p in evaluated)] if evaluated else []
+    shared = [k for k in evaluated[0] if all(k in p for p in evaluated)] if evaluated else []
     rows = []
-    for where in shared:
-        first = evaluated[0][where]
-        runs = [{"answer": p[where].get("tuned"), "right": p[where].get("tuned_exact_match") == 1}
+    for key in shared:
+        first = evaluated[0][key]
+        runs = [{"answer": p[key].get("tuned"), "right": p[key].get("tuned_exact_match") == 1}
                 if p else None for p in per_run]
         base_right = first.get("base_exact_match") == 1
         wrong = [r for r in runs if r is not None and not r["right"]]
@@ -74,7 +75,7 @@ def answers(folders: list[Path], which: str = "all") -> dict:
             continue
         if which == "regressions" and not (base_right and wrong):
             continue
-        rows.append({"where": where, "prompt": _prompt_text(first.get("prompt")), "reference": first.get("reference"),
+        rows.append({"where": first.get("where"), "prompt": _prompt_text(first.get("prompt")), "reference": first.get("reference"),
                      "base": first.get("base"), "base_right": base_right, "runs": runs})
     return {"rows": rows[:MAX_ROWS], "total": len(rows), "shared": len(shared),
             "not_evaluated": [folder.name for folder, p in zip(folders, per_run) if not p]}

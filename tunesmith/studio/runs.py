@@ -32,10 +32,17 @@ def run_dir(root: Path, name: str) -> Path:
 
 
 def names(root: Path, jobs: Jobs) -> list[str]:
-    """Folders with a config.yaml, and runs the studio started that have no folder yet (or never will)."""
+    """Folders with a config.yaml, and runs the studio started that have no folder yet (starting)
+    or never will (failed before their data was read). A deleted run is gone from the list."""
     found = {p.parent.name for p in root.glob("*/config.yaml") if not p.parent.name.startswith(".")}
-    found |= {job.run for job in jobs.all() if job.verb == "finetune"}
+    found |= {job.run for job in jobs.all() if job.verb == "finetune" and folderless(root, job.run, jobs)}
     return sorted(found)
+
+
+def folderless(root: Path, name: str, jobs: Jobs) -> bool:
+    """A run the studio shows without a folder: its training job is still starting, or it failed."""
+    job = jobs.latest(name, "finetune")
+    return not (root / name).is_dir() and job is not None and (alive(job) or job.error is not None)
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
