@@ -14,10 +14,10 @@ import pytest
 from helpers import fast_train_flags, qa_rows, write_jsonl
 
 fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from tunesmith import locks  # noqa: E402
-from tunesmith.studio.app import create_app  # noqa: E402
+from tunesmith import locks
+from tunesmith.studio.app import create_app
 
 
 @pytest.fixture
@@ -77,6 +77,17 @@ def test_a_training_process_shows_as_running_and_is_the_one_stop_signals(studio)
     assert locks.training_pid(folder) is None
     assert client.get("/api/runs/live").json()["status"] == "interrupted"
     assert client.post("/api/runs/live/stop").status_code == 409  # nothing trains it any more
+
+
+def test_a_diverged_run_still_answers_in_json(studio):
+    root, client = studio
+    folder = fake_run(root, "diverged", {}, [*CURVE[:3], {"step": 4, "loss": float("nan")},
+                                             {"step": 4, "val_loss": float("inf")}], ("final",))
+    (folder / "eval").mkdir()
+    (folder / "eval" / "results.json").write_text('{"base": {"test_loss": 2.0}, "tuned": {"test_loss": NaN}}')
+    detail = client.get("/api/runs/diverged").json()
+    assert detail["results"]["tuned"]["test_loss"] is None and detail["best_val_loss"] is None
+    assert [p[0] for p in detail["curves"]["loss"]] == [1, 2, 3]
 
 
 def test_damaged_metrics_line_is_named_and_skipped(studio):
@@ -218,7 +229,8 @@ def predictions(folder: Path, rows: list[tuple[str, bool, str, bool]]) -> None:
 def test_compare_shows_differences_and_filters_rows(studio):
     root, client = studio
     a = fake_run(root, "a", {"method": "lora", "train": {"learning_rate": 1e-4, "seed": 1}, "out_dir": "x"}, CURVE, ("final",))
-    b = fake_run(root, "b", {"method": "lora", "train": {"learning_rate": 3e-4, "seed": 1}, "out_dir": "y"}, CURVE, ("final",))
+    b = fake_run(root, "b", {"method": "lora", "train": {"learning_rate": 3e-4, "seed": 1}, "out_dir": "y",
+                             "lora": {"r": 16}}, CURVE, ("final",))  # a key a at its default: no difference
     predictions(a, [("r", True, "r", True), ("w", False, "r", True), ("r", True, "r", True)])
     predictions(b, [("r", True, "w", False), ("w", False, "w", False), ("r", True, "r", True)])
     c = client.get("/api/compare?run=a&run=b").json()
@@ -253,3 +265,21 @@ def test_studio_refuses_other_hosts_without_a_key(cli, tmp_path):
     assert result.code == 2 and "--api-key" in result.err
     result = cli("studio", "--runs", tmp_path / "file", "--port", "0")
     assert result.code == 2 and "--port 0" in result.err
+
+
+def test_merge_from_the_page_and_the_exports_check_shown(finished_run):
+    client = TestClient(create_app(finished_run))
+    started = client.post("/api/runs/tuned/merge").json()
+    assert started["command"] == f"tunesmith merge {finished_run.resolve() / 'tuned'}"
+    deadline = time.time() + 120
+    while (job := client.get("/api/runs/tuned").json()["job"])["running"] and time.time() < deadline:
+        time.sleep(0.3)
+    assert job["exit_code"] == 0 and (finished_run / "tuned" / "merged" / "config.json").is_file()
+    export = finished_run / "tuned" / "export-f16"
+    export.mkdir()
+    (export / "export.json").write_text(json.dumps({"file": "tuned.f16.gguf", "type": "f16", "check": {
+        "prompts": 20, "same_answers": 19, "agreement": 0.95}}))
+    assert client.get("/api/runs/tuned").json()["export"] == [
+        {"folder": "export-f16", "file": "tuned.f16.gguf", "type": "f16", "agreement": 0.95, "prompts": 20,
+         "same_answers": 19}]
+    assert client.post("/api/runs/tuned/publish").status_code == 404

@@ -4,6 +4,8 @@ error is a JSON message with a 4xx status (or one line and a 500), never a trace
 from __future__ import annotations
 
 import hmac
+import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +24,23 @@ UPLOAD_LIMIT = 512 * 2**20
 SHIP_VERBS = {"evaluate": lambda run: [run], "report": lambda run: [run], "merge": lambda run: [run],
               "export": lambda run: [run, "--format", "gguf", "--type", "f16"]}
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class FiniteJSON(JSONResponse):
+    """JSON with NaN and infinity (a diverged run's losses) as null, which every browser can parse."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 class Problem(Exception):
@@ -54,7 +73,8 @@ class Studio:
 
 def create_app(root: Path, api_key: str | None = None) -> FastAPI:
     studio = Studio(root)
-    app = FastAPI(title="tunesmith studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunesmith studio", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=FiniteJSON)
     app.state.studio = studio
     if api_key:
         app.add_middleware(KeyCheck, key=api_key)
@@ -201,7 +221,7 @@ def _form(body) -> tuple[str, dict[str, str]]:
 
 def add_compare_chat_routes(app: FastAPI, studio: Studio) -> None:
     @app.get("/api/compare")
-    def compare_runs(request: Request, filter: str = "all"):  # noqa: A002 — the page's own word
+    def compare_runs(request: Request, filter: str = "all"):
         names = request.query_params.getlist("run")
         if len(names) < 2:
             raise Problem(400, "pick two or more runs to compare")

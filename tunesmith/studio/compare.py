@@ -23,15 +23,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_differences(folders: list[Path]) -> list[dict]:
-    """Keys whose values differ between the runs (out_dir and name always do, so left out)."""
-    flat = [flatten(read_config(folder)) for folder in folders]
+    """Keys whose values differ between the runs (out_dir and name always do, so left out). A key a
+    run's config.yaml lacks (written by an older tunesmith) has its default, as when it ran."""
+    from tunesmith.config import RunConfig
+
+    defaults = flatten(RunConfig().model_dump(mode="json"))
+    flat = [{**defaults, **flatten(read_config(folder))} for folder in folders]
     keys = sorted(set().union(*flat) - {"out_dir", "name"})
-    missing = object()
     rows = []
     for key in keys:
-        values = [f.get(key, missing) for f in flat]
+        values = [f.get(key) for f in flat]
         if any(v != values[0] for v in values):
-            rows.append({"key": key, "values": [None if v is missing else v for v in values]})
+            rows.append({"key": key, "values": values})
     return rows
 
 

@@ -5,6 +5,7 @@ evaluation, and the CLI commands for each thing the page can do with it."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def curves(records: list[dict]) -> dict[str, list[list[float]]]:
         step = record.get("step")
         for key in CURVE_KEYS:
             value = record.get(key)
-            if isinstance(step, (int, float)) and isinstance(value, (int, float)) and value == value:
+            if isinstance(step, (int, float)) and isinstance(value, (int, float)) and math.isfinite(value):
                 out.setdefault(key, []).append([step, value])
     return out
 

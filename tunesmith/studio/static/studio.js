@@ -121,6 +121,7 @@ function drawRunCharts(curves) {
     chart(key, title, series.filter(([, points]) => points && points.length))));
 }
 
+const DOTS_UP_TO = 30;
 const COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"];
 
 // A line chart: series = [[name, [[step, value], ...]], ...]. Each line carries its point count.
@@ -157,6 +158,9 @@ function chart(key, title, series, width = 420, height = 230) {
     add("polyline", { points: points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "),
                       fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.6,
                       "data-series": name, "data-count": points.length });
+    if (points.length <= DOTS_UP_TO) {  // a handful of points (validation passes): each one seen
+      for (const p of points) add("circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, fill: COLORS[i % COLORS.length] });
+    }
     add("text", { x: left + 8 + 130 * i, y: height - 6, fill: COLORS[i % COLORS.length] }, name);
   });
   return svg;
