@@ -131,9 +131,11 @@ def test_form_lists_every_key_and_checks_values_like_the_cli(studio, llama, tmp_
     assert response.status_code == 422 and not (root / "y").exists()
 
 
-def test_check_runs_the_doctor_and_the_estimate(studio, llama, tmp_path):
+def test_check_runs_the_doctor_and_the_estimate(studio, llama, monkeypatch):
     root, client = studio
     write_jsonl(root / "qa.jsonl", qa_rows(40))
+    monkeypatch.chdir(root)  # a relative path is read from where the studio was started
+    client = TestClient(create_app(root / "elsewhere"))
     result = client.post("/api/check", json={"name": "ok", "values": {"model": str(llama), "data.path": "qa.jsonl"}}).json()
     assert result["problems"] == []
     assert result["doctor"]["rows"]["train"] + result["doctor"]["rows"]["val"] + result["doctor"]["rows"]["test"] == 40
@@ -143,13 +145,13 @@ def test_check_runs_the_doctor_and_the_estimate(studio, llama, tmp_path):
     assert f"--data.path={(root / 'qa.jsonl').resolve()}" in result["command"]
     missing = client.post("/api/check", json={"name": "ok", "values": {"model": str(llama), "data.path": "nope.jsonl"}})
     assert missing.json()["doctor"]["verdict"] == "cannot read the data"
-    assert not (root / "ok").exists()  # checking writes no run
+    assert not (root / "elsewhere" / "ok").exists()  # checking writes no run
 
 
 def test_start_stop_resume_as_real_processes(studio, llama):
     root, client = studio
     write_jsonl(root / "qa.jsonl", qa_rows(40))
-    values = {"model": str(llama), "data.path": "qa.jsonl", "train.max_steps": "400", "train.save_interval": "0",
+    values = {"model": str(llama), "data.path": str(root / "qa.jsonl"), "train.max_steps": "400", "train.save_interval": "0",
               **{k.lstrip("-"): str(v) for k, v in zip(fast_train_flags()[::2], fast_train_flags()[1::2])
                  if k != "--train.max_steps"}}
     started = client.post("/api/runs", json={"name": "long", "values": values})
@@ -172,7 +174,8 @@ def test_start_stop_resume_as_real_processes(studio, llama):
 def test_a_failed_run_shows_the_cli_error(studio, llama):
     root, client = studio
     (root / "broken.jsonl").write_text('{"question": "a", "answer": "b"}\nnot json\n')
-    client.post("/api/runs", json={"name": "broken", "values": {"model": str(llama), "data.path": "broken.jsonl"}})
+    client.post("/api/runs", json={"name": "broken", "values": {"model": str(llama),
+                                                                "data.path": str(root / "broken.jsonl")}})
     run = wait_for(client, "broken", {"failed"}, timeout=120)
     assert run["error"].endswith("broken.jsonl:2: not valid JSON (Expecting value at column 1)")
     assert [r["status"] for r in client.get("/api/runs").json()["runs"]] == ["failed"]
@@ -283,3 +286,4 @@ def test_merge_from_the_page_and_the_exports_check_shown(finished_run):
         {"folder": "export-f16", "file": "tuned.f16.gguf", "type": "f16", "agreement": 0.95, "prompts": 20,
          "same_answers": 19}]
     assert client.post("/api/runs/tuned/publish").status_code == 404
+    assert client.post("/api/runs/tuned/export?type=q3_bogus").status_code == 400

@@ -21,8 +21,9 @@ from tunesmith.studio import chat, compare, forms, jobs, runs
 
 STATIC = Path(__file__).parent / "static"
 UPLOAD_LIMIT = 512 * 2**20
-SHIP_VERBS = {"evaluate": lambda run: [run], "report": lambda run: [run], "merge": lambda run: [run],
-              "export": lambda run: [run, "--format", "gguf", "--type", "f16"]}
+SHIP_VERBS = {"evaluate": lambda run, _: [run], "report": lambda run, _: [run], "merge": lambda run, _: [run],
+              "export": lambda run, kind: [run, "--format", "gguf", "--type", kind]}
+EXPORT_TYPES = ("f16", "q8_0", "q4_k_m")
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -53,7 +54,8 @@ class Studio:
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.jobs = jobs.Jobs(self.root)
+        self.here = Path.cwd()
+        self.jobs = jobs.Jobs(self.root, self.here)
         self.models = chat.Models()
         self.doctor_plots = self.root / ".studio" / "doctor"
 
@@ -147,13 +149,15 @@ def add_run_routes(app: FastAPI, studio: Studio) -> None:
         return {"command": job.command}
 
     @app.post("/api/runs/{name}/{verb}")
-    def ship(name: str, verb: str):
+    def ship(name: str, verb: str, type: str = "q8_0"):  # noqa: A002 — export's own flag name
         folder = studio.folder(name)
         if verb not in SHIP_VERBS:
             raise Problem(404, f"unknown action {verb!r}; actions: {', '.join(SHIP_VERBS)}")
+        if type not in EXPORT_TYPES:
+            raise Problem(400, f"type {type!r}: one of {', '.join(EXPORT_TYPES)}")
         if (reason := studio.busy(name)) is not None:
             raise Problem(409, reason)
-        job = studio.jobs.start(verb, name, SHIP_VERBS[verb](str(folder)))
+        job = studio.jobs.start(verb, name, SHIP_VERBS[verb](str(folder), type))
         return {"command": job.command}
 
 
@@ -166,7 +170,7 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
     async def check(request: Request):
         name, values = _form(await request.json())
         try:
-            args, config = forms.check(studio.root, name, values)
+            args, config = forms.check(studio.root, name, values, studio.here)
         except ConfigError as err:
             return {"problems": err.problems}
         plot = studio.doctor_plots / f"{name}.png"
@@ -179,7 +183,7 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
     async def start(request: Request):
         name, values = _form(await request.json())
         try:
-            args, _ = forms.check(studio.root, name, values)
+            args, _ = forms.check(studio.root, name, values, studio.here)
         except ConfigError as err:
             raise Problem(422, err.problems) from None
         if studio.jobs.latest(name) is not None:
@@ -210,7 +214,7 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
                     raise Problem(413, f"{file} is over {UPLOAD_LIMIT // 2**20} MB; give its path instead")
                 handle.write(chunk)
         tmp.replace(folder / file)
-        return {"path": str((folder / file).relative_to(studio.root)), "bytes": size}
+        return {"path": str(folder / file), "bytes": size}
 
 
 def _form(body) -> tuple[str, dict[str, str]]:

@@ -42,9 +42,10 @@ def _choices() -> dict[str, list[str]]:
     return found
 
 
-def arguments(root: Path, name: str, values: dict[str, str]) -> tuple[list[str], list[str]]:
+def arguments(root: Path, name: str, values: dict[str, str], here: Path) -> tuple[list[str], list[str]]:
     """The CLI arguments for the form (each key the user set, the run's folder under the runs folder;
-    a relative data path is taken from the runs folder, where the job runs), and the form's own problems."""
+    a relative path is taken from `here`, where the studio was started, as in that terminal), and
+    the form's own problems."""
     problems = []
     if not NAME_PATTERN.match(name or ""):
         problems.append(f"run name {name!r}: use letters, digits, '-', '_' or '.' (at most 64), not starting with '.'")
@@ -60,14 +61,14 @@ def arguments(root: Path, name: str, values: dict[str, str]) -> tuple[list[str],
         if text == "":
             continue
         if key in ("data.path", "data.val_path", "data.test_path", "init_from") and not Path(text).is_absolute():
-            text = str((root / text).resolve())
+            text = str((here / text).resolve())
         args.append(f"--{key}={text}")
     return [f"--out_dir={root / name}", *args], problems
 
 
-def check(root: Path, name: str, values: dict[str, str]) -> tuple[list[str], config_module.RunConfig]:
+def check(root: Path, name: str, values: dict[str, str], here: Path) -> tuple[list[str], config_module.RunConfig]:
     """The arguments and the validated config, or ConfigError with every problem of the form."""
-    args, problems = arguments(root, name, values)
+    args, problems = arguments(root, name, values, here)
     try:
         config = config_module.load(None, config_module.parse_overrides(args))
     except ConfigError as err:

@@ -40,8 +40,9 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, here: Path):
         self.root = root
+        self.here = here  # where the studio was started: jobs run there, as if typed in that terminal
         self.folder = root / ".studio" / "jobs"
         self.lock = threading.Lock()
 
@@ -51,7 +52,7 @@ class Jobs:
         log = (self.folder / f"{job_id}.log").open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, "-m", "tunesmith", verb, *args], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.here,
                                    env=env, start_new_session=True)  # its own group: Stop reaches torchrun's ranks
         log.close()
         job = Job(job_id, verb, run, args, "tunesmith " + shlex.join([verb, *args]), process.pid, time.time())

@@ -186,4 +186,4 @@ def commands(folder: Path) -> dict[str, str]:
     run = shlex.quote(str(folder))
     return {"resume": f"tunesmith finetune {run} --resume", "evaluate": f"tunesmith evaluate {run}",
             "report": f"tunesmith report {run}", "chat": f"tunesmith chat --run {run}",
-            "merge": f"tunesmith merge {run}", "export": f"tunesmith export {run} --format gguf --type f16"}
+            "merge": f"tunesmith merge {run}", "export": f"tunesmith export {run} --format gguf --type q8_0"}

@@ -201,7 +201,8 @@ function showExports(exports) {
 async function action(verb) {
   $("#act-message").textContent = "";
   try {
-    const done = await post(`/api/runs/${encodeURIComponent(openRun)}/${verb}`);
+    const query = verb === "export" ? "?type=" + $("#export-type").value : "";
+    const done = await post(`/api/runs/${encodeURIComponent(openRun)}/${verb}${query}`);
     $("#act-message").textContent = done.command ? "Started: " + done.command : done.note || "";
   } catch (err) { $("#act-message").textContent = err.message; }
   refreshRun();
