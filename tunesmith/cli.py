@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from tunesmith import config as config_module
 from tunesmith.errors import ConfigError, TunesmithError
@@ -144,25 +143,13 @@ def usage() -> str:
 
 def config_help(verb: str) -> str:
     lines = [f"usage: tunesmith {verb} [CONFIG.yaml | RUN_DIR] [--section.key value ...]", "",
-             VERBS[verb][2], "", "config keys (YAML or --key value):"]
-    for key, default, doc in config_module.field_docs():
-        lines.append(f"  --{key:32} {doc} [default: {default}]")
+             VERBS[verb][2], "", *config_module.keys_help()]
     for short, long in SHORT_FLAGS.get(verb, {}).items():
         lines.append(f"  {short:34} short for {long}")
     return "\n".join(lines)
 
 
-def load_config(args: list[str]):
-    """[CONFIG | RUN_DIR] then overrides. A run directory means its saved config.yaml."""
-    path = None
-    if args and not args[0].startswith("--"):
-        path, args = Path(args[0]), args[1:]
-        if path.is_dir():
-            if not (path / "config.yaml").is_file():
-                raise ConfigError(f"{path} is a directory without config.yaml (not a run directory)")
-            args = [f"--out_dir={path}", *args]
-            path = path / "config.yaml"
-    return config_module.load(path, config_module.parse_overrides(args))
+load_config = config_module.from_args  # [CONFIG | RUN_DIR] then --section.key overrides
 
 
 def run(argv: list[str]) -> int:

@@ -315,6 +315,26 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def keys_help() -> list[str]:
+    """The lines of `--help` that list every config key with its meaning and default."""
+    return ["config keys (YAML or --key value):",
+            *(f"  --{key:32} {doc} [default: {default}]" for key, default, doc in field_docs())]
+
+
+def from_args(args: list[str]) -> RunConfig:
+    """[CONFIG | RUN_DIR] then overrides, as every config verb reads them. A run directory means its
+    saved config.yaml, with out_dir the directory itself."""
+    path = None
+    if args and not args[0].startswith("--"):
+        path, args = Path(args[0]), args[1:]
+        if path.is_dir():
+            if not (path / "config.yaml").is_file():
+                raise ConfigError(f"{path} is a directory without config.yaml (not a run directory)")
+            args = [f"--out_dir={path}", *args]
+            path = path / "config.yaml"
+    return load(path, parse_overrides(args))
+
+
 def all_keys() -> list[str]:
     return [key for key, _, _ in field_docs()]
 

@@ -454,20 +454,19 @@ def report(config: RunConfig, result: Estimate, budget: float, budget_text: str,
 
 
 def main(argv: list[str]) -> int:
-    from tunesmith.cli import load_config
+    from tunesmith.config import from_args, keys_help
     from tunesmith.device import pick_device, pick_dtype
 
     if "-h" in argv or "--help" in argv:
-        from tunesmith.cli import config_help
-
-        print(config_help("estimate"))
+        print("usage: tunesmith estimate [CONFIG.yaml | RUN_DIR] [--section.key value ...] [--memory SIZE]\n")
+        print("\n".join(keys_help()))
         print("\nestimate's own flags:\n  --memory SIZE                      device memory to fit in (24GB, 80GiB, 512MB; "
               "default: the GPU's, or this machine's available RAM)\n  --pretrain-lr LR                   the base "
               "model's pre-training peak learning rate\n  --pretrain-batch-tokens N          its pre-training batch "
               "in tokens (4M, 2e6): with --pretrain-lr, prints the scaled learning rate")
         return 0
     own, rest = split_flags(argv, ("memory", "pretrain-lr", "pretrain-batch-tokens"))
-    config = load_config(rest)
+    config = from_args(rest)
     device = str(pick_device(config.train.device))
     dtype = pick_dtype(config.train.precision, torch.device(device))
     model_config_ = model_config(config.model)

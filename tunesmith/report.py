@@ -143,7 +143,7 @@ def _diagnosis(run_dir: Path) -> str:
 
 
 def _evaluation(run_dir: Path) -> str:
-    from tunesmith.evaluate.compare import table_rows
+    from tunesmith.evaluate.metrics import table_rows
 
     results = _read_json(run_dir / "eval" / "results.json")
     if not results:

@@ -23,15 +23,21 @@ from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.data.prepare import prepare
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import analysis
-from tunesmith.evaluate.metrics import bleu, exact_match, normalize, rouge, sentence_bleu, token_f1
+from tunesmith.evaluate.metrics import (
+    bleu,
+    exact_match,
+    normalize,
+    rouge,
+    sentence_bleu,
+    table_rows,
+    token_f1,
+)
 from tunesmith.infer.generate import Loaded, generate_with_limits, load_base, load_run
 from tunesmith.log import say
 from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import loss_sum
-
-METRICS = ("preference_accuracy", "logp_margin", "test_loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
 
 
 @torch.no_grad()
@@ -184,20 +190,6 @@ def run_extras(loaded: Loaded, label: str, config: RunConfig, wants: dict, outco
 
 def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / name / "trainer_state.json").is_file() for name in ("best", "final"))
-
-
-def table_rows(results: dict) -> list[list[str]]:
-    labels = list(results)
-    rows = []
-    for metric in METRICS:
-        if any(metric not in results[label] for label in labels):
-            continue  # e.g. results saved before BLEU and ROUGE were scored
-        values = [results[label][metric] for label in labels]
-        row = [metric] + [f"{v:.4f}" for v in values]
-        if len(values) == 2:
-            row.append(f"{values[1] - values[0]:+.4f}")
-        rows.append(row)
-    return rows
 
 
 def write(folder: Path, results: dict, answers: dict, rows: list[dict], normalized,

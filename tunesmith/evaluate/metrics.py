@@ -73,3 +73,21 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_WordTokenizer())
     scores = scorer.score(reference, prediction)
     return {name: float(score.fmeasure) for name, score in scores.items()}
+
+
+# The rows of every evaluation table (results.md, the terminal, report.html), in this order
+METRICS = ("preference_accuracy", "logp_margin", "test_loss", "perplexity", "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    labels = list(results)
+    rows = []
+    for metric in METRICS:
+        if any(metric not in results[label] for label in labels):
+            continue  # e.g. results saved before BLEU and ROUGE were scored
+        values = [results[label][metric] for label in labels]
+        row = [metric] + [f"{v:.4f}" for v in values]
+        if len(values) == 2:
+            row.append(f"{values[1] - values[0]:+.4f}")
+        rows.append(row)
+    return rows
