@@ -218,6 +218,8 @@ def test_chat_refuses_bad_requests_with_4xx(finished_run):
     assert client.post("/api/chat", json={"run": "tuned", "prompt": "x", "temperature": 9}).status_code == 400
     assert client.post("/api/chat", json={"run": "missing", "prompt": "x"}).status_code == 404
     assert client.post("/api/chat", json=["not", "an", "object"]).status_code == 400
+    assert client.post("/api/chat", content=b"{half").status_code == 400
+    assert client.post("/api/check", content=b"{half").json() == {"problems": ["the request body is not JSON"]}
 
 
 def predictions(folder: Path, rows: list[tuple[str, bool, str, bool]]) -> None:

@@ -168,7 +168,7 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
 
     @app.post("/api/check")
     async def check(request: Request):
-        name, values = _form(await request.json())
+        name, values = _form(await _body(request))
         try:
             args, config = forms.check(studio.root, name, values, studio.here)
         except ConfigError as err:
@@ -181,7 +181,7 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
 
     @app.post("/api/runs")
     async def start(request: Request):
-        name, values = _form(await request.json())
+        name, values = _form(await _body(request))
         try:
             args, _ = forms.check(studio.root, name, values, studio.here)
         except ConfigError as err:
@@ -217,6 +217,13 @@ def add_new_run_routes(app: FastAPI, studio: Studio) -> None:
         return {"path": str(folder / file), "bytes": size}
 
 
+async def _body(request: Request):
+    try:
+        return await request.json()
+    except ValueError:
+        raise Problem(400, "the request body is not JSON") from None
+
+
 def _form(body) -> tuple[str, dict[str, str]]:
     if not isinstance(body, dict) or not isinstance(body.get("values", {}), dict):
         raise Problem(400, 'send {"name": RUN_NAME, "values": {"config.key": "value", ...}}')
@@ -238,7 +245,7 @@ def add_compare_chat_routes(app: FastAPI, studio: Studio) -> None:
 
     @app.post("/api/chat")
     async def chat_stream(request: Request):
-        body = await request.json()
+        body = await _body(request)
         if not isinstance(body, dict):
             raise Problem(400, 'send {"run": NAME, "side": "base"|"tuned", "prompt": TEXT}')
         folder = studio.folder(str(body.get("run", "")))
