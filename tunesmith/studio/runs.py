@@ -99,12 +99,13 @@ def status(folder: Path | None, job: Job | None) -> tuple[str, str | None]:
     return "stopped", None
 
 
-def summary(root: Path, name: str, jobs: Jobs) -> dict:
+def summary(root: Path, name: str, jobs: Jobs, records: list[dict] | None = None) -> dict:
     folder = root / name if (root / name).is_dir() else None
     job = jobs.latest(name, "finetune")
     state, error = status(folder, job)
     config = read_config(folder) if folder else {}
-    records, _ = read_metrics(folder / "metrics.jsonl") if folder else ([], [])
+    if records is None:
+        records = read_metrics(folder / "metrics.jsonl")[0] if folder else []
     steps = [r["step"] for r in records if "loss" in r and isinstance(r.get("step"), int)]
     val = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))]
     return {"name": name, "status": state, "error": error, "method": config.get("method", "lora"),
@@ -128,13 +129,13 @@ def headline(folder: Path) -> str | None:
 
 
 def detail(root: Path, name: str, jobs: Jobs) -> dict:
-    info = summary(root, name, jobs)
     folder = root / name
+    records, problems = read_metrics(folder / "metrics.jsonl")  # read once: the summary and the curves
+    info = summary(root, name, jobs, records)
     if not folder.is_dir():
         job = jobs.latest(name, "finetune")
         return {**info, "curves": {}, "problems": [], "config": {}, "diagnosis": None, "results": None,
                 "errors": None, "commands": {}, "log": jobs.log_tail(job) if job else ""}
-    records, problems = read_metrics(folder / "metrics.jsonl")
     latest = jobs.latest(name)
     return {**info, "curves": curves(records), "problems": problems, "config": read_config(folder),
             "diagnosis": diagnosis(records), "results": read_json(folder / "eval" / "results.json"),
