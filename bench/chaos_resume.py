@@ -56,6 +56,7 @@ from processes import cpu_model  # bench/ is on the path of a script run from it
 from safetensors.torch import load_file
 
 from tunesmith.train import checkpoint
+from tunesmith.train.flops import PEAK_FILE
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -113,7 +114,7 @@ def private_cache(work: Path) -> Path:
     cache = work / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     table = {f"cpu-{torch.get_num_threads()}/torch.{dtype}": 1e11 for dtype in ("float32", "bfloat16")}
-    (cache / "peak_flops.json").write_text(json.dumps(table))
+    (cache / PEAK_FILE).write_text(json.dumps(table))
     return cache
 
 

@@ -52,13 +52,34 @@ from tunesmith.train.batching import StepPlan
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m"
 SEED = 42
-BATCH_SIZE = 8  # sequences per optimizer step, for everyone
-MAX_LENGTH = 512
 LEARNING_RATE = 2e-4
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 TAIL_STEPS = 3  # final loss = mean of the last this-many step losses
 CHILD_TIMEOUT_SECONDS = 4 * 3600
 RESULTS_BEGIN, RESULTS_END = "<!-- train_speed:begin -->", "<!-- train_speed:end -->"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A workload: how long the rows are, how many go into a step, the length they are cut at."""
+    name: str
+    about: str  # what a reader sees
+    batch: int  # sequences per optimizer step, for everyone
+    max_length: int
+    median: int  # prompt+response tokens of a row (log-normal around this) ...
+    sigma: float  # ... with this spread
+    least: int  # and clipped to [least, most]
+    most: int
+    steps: int  # timed steps by default
+
+
+SHAPES = {
+    "short": Shape("short", "short uniform rows (about 50 tokens with the chat template)", 8, 512, 18, 0.25, 8, 40,
+                   12),
+    "mixed": Shape("mixed", "mixed rows (log-normal, median 80 tokens, a long tail to 512)", 8, 512, 80, 0.8, 20,
+                   10**9, 6),
+    "long": Shape("long", "long rows (1,000-2,000 tokens)", 2, 2048, 1400, 0.25, 1000, 2000, 3),
+}
 
 
 @dataclass(frozen=True)
@@ -71,26 +92,33 @@ class Variant:
     loss_chunk_size: int = 1024  # tunesmith only
     compact_memory: bool = False  # tunesmith only
     compile: bool = False  # tunesmith only
+    precision: str = "auto"  # auto (tunesmith's pick, for everyone) | bf16
+    core: bool = True  # run by default (the others: --runs NAME or --runs all)
 
 
 VARIANTS = [
     Variant("tunesmith", "tunesmith", "defaults: packed rows, chunked loss, no checkpointing"),
     Variant("tunesmith-gc", "tunesmith", "+ gradient checkpointing", gradient_checkpointing=True),
     Variant("tunesmith-compact", "tunesmith", "+ train.compact_memory (freed memory back to the OS at once)",
-            compact_memory=True),
+            compact_memory=True, core=False),
     Variant("tunesmith-compile", "tunesmith", "+ train.compile (torch.compile of each layer; compile time not timed)",
-            compile=True),
+            compile=True, core=False),
     Variant("tunesmith-padded", "tunesmith", "padded batches (emulated), no checkpointing",
-            batching="padded"),
+            batching="padded", core=False),
     Variant("tunesmith-one-chunk", "tunesmith", "loss in one chunk (not chunked), no checkpointing",
-            loss_chunk_size=10**9),
+            loss_chunk_size=10**9, core=False),
+    Variant("tunesmith-bf16", "tunesmith", "defaults, bf16 weights and maths (precision bf16)", precision="bf16"),
     Variant("trl-padded-gc", "trl", "padded batches, gradient checkpointing (TRL's default)",
             gradient_checkpointing=True, batching="padded"),
     Variant("trl-padded", "trl", "padded batches, no checkpointing", batching="padded"),
     Variant("trl-padding-free", "trl", "padding_free, no checkpointing", batching="padding_free"),
     Variant("trl-padding-free-gc", "trl", "padding_free, gradient checkpointing",
             gradient_checkpointing=True, batching="padding_free"),
-    Variant("trl-packing", "trl", "packing (bfd, rows of 512), no checkpointing", batching="packing"),
+    Variant("trl-packing", "trl", "packing (bfd, rows of max length), no checkpointing", batching="packing"),
+    Variant("trl-packing-gc", "trl", "packing (bfd, rows of max length), gradient checkpointing",
+            gradient_checkpointing=True, batching="packing"),
+    Variant("trl-padding-free-bf16", "trl", "padding_free, no checkpointing, bf16", batching="padding_free",
+            precision="bf16"),
 ]
 
 
@@ -127,16 +155,18 @@ def _text_of_tokens(rng: random.Random, tokenizer, n_tokens: int, head: str = ""
     return text[: offsets[n_tokens - 1][1]].strip()
 
 
-def content_lengths(rows: int, seed: int, median: int, max_content: int) -> list[int]:
-    """Prompt+response tokens per row: log-normal (most short, a long tail), clipped to [20, max]."""
+def content_lengths(rows: int, seed: int, shape: Shape, max_content: int) -> list[int]:
+    """Prompt+response tokens per row: log-normal around the shape's median, clipped to its range."""
     rng = random.Random(seed)
-    return [min(max_content, max(20, round(rng.lognormvariate(math.log(median), 0.8)))) for _ in range(rows)]
+    most = min(shape.most, max_content)
+    return [min(most, max(shape.least, round(rng.lognormvariate(math.log(shape.median), shape.sigma))))
+            for _ in range(rows)]
 
 
-def make_rows(tokenizer, rows: int, seed: int, median: int, max_content: int) -> list[dict]:
+def make_rows(tokenizer, rows: int, seed: int, shape: Shape, max_content: int) -> list[dict]:
     rng = random.Random(seed + 1)
     out = []
-    for total in content_lengths(rows, seed, median, max_content):
+    for total in content_lengths(rows, seed, shape, max_content):
         question_tokens = max(5, round(total * rng.uniform(0.15, 0.5)))
         answer_tokens = max(5, total - question_tokens)
         subject = rng.choice(SUBJECTS)
@@ -159,24 +189,25 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The shared run description, and the work each step does.
 
-def tunesmith_config(data_path: Path, out_dir: Path, total_steps: int, variant: Variant | None) -> RunConfig:
+def tunesmith_config(data_path: Path, out_dir: Path, total_steps: int, variant: Variant | None,
+                     shape: Shape) -> RunConfig:
     """The one RunConfig all tunesmith runs share; a variant changes only its own knobs."""
-    train = {"learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE, "micro_batch_size": BATCH_SIZE,
+    train = {"learning_rate": LEARNING_RATE, "batch_size": shape.batch, "micro_batch_size": shape.batch,
              "max_steps": total_steps, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0,
              "grad_clip": 1.0, "eval_interval": 0, "save_interval": 0, "log_interval": 1,
              "precision": "auto", "device": "auto", "seed": SEED}
     if variant is not None:
         train.update(gradient_checkpointing=variant.gradient_checkpointing,
                      loss_chunk_size=variant.loss_chunk_size, compact_memory=variant.compact_memory,
-                     compile=variant.compile)
+                     compile=variant.compile, precision=variant.precision)
     return build({"model": MODEL, "method": "lora", "out_dir": str(out_dir),
                   "data": {"path": str(data_path), "val_split": 0.0, "test_split": 0.0,
-                           "max_seq_length": MAX_LENGTH, "mask_prompt": True, "seed": SEED},
+                           "max_seq_length": shape.max_length, "mask_prompt": True, "seed": SEED},
                   "train": train, "lora": {**LORA, "target_modules": "all-linear"}})
 
 
-def step_plan(split: TokenizedSplit, total_steps: int) -> StepPlan:
-    return StepPlan.build(len(split), BATCH_SIZE, BATCH_SIZE, 1.0, total_steps, SEED)
+def step_plan(split: TokenizedSplit, total_steps: int, shape: Shape) -> StepPlan:
+    return StepPlan.build(len(split), shape.batch, shape.batch, 1.0, total_steps, SEED)
 
 
 def step_work(split: TokenizedSplit, indices: list[int]) -> dict:
@@ -224,7 +255,7 @@ def _pad_each_step(split: TokenizedSplit, plan: StepPlan, pad_id: int) -> Tokeni
     return TokenizedSplit.from_lists(ids, supervised)
 
 
-def _finetune_padded(config: RunConfig) -> TokenizedSplit:
+def _finetune_padded(config: RunConfig, shape: Shape) -> TokenizedSplit:
     """tunesmith's own finetune(), with the training split it prepares padded per step before the
     loop sees it (this child process only; the prepared files on disk stay unpadded)."""
     import tunesmith.finetune as finetune_module
@@ -235,7 +266,7 @@ def _finetune_padded(config: RunConfig) -> TokenizedSplit:
         prepared = real_prepare(config, tokenizer, *args, **kwargs)
         train = prepared.splits["train"]
         padded["train"] = prepared.splits["train"] = _pad_each_step(
-            train, step_plan(train, config.train.max_steps), tokenizer.pad_token_id)
+            train, step_plan(train, config.train.max_steps, shape), tokenizer.pad_token_id)
         return prepared
 
     finetune_module.prepare = prepare_then_pad
@@ -250,14 +281,14 @@ def run_tunesmith(variant: Variant, spec: dict) -> dict:
     from tunesmith.finetune import finetune
     from tunesmith.train.metrics import read
 
-    run_dir = Path(spec["run_dir"])
-    config = tunesmith_config(Path(spec["data"]), run_dir, spec["total_steps"], variant)
-    padded = _finetune_padded(config) if variant.batching == "padded" else None
+    run_dir, shape = Path(spec["run_dir"]), SHAPES[spec["shape"]]
+    config = tunesmith_config(Path(spec["data"]), run_dir, spec["total_steps"], variant, shape)
+    padded = _finetune_padded(config, shape) if variant.batching == "padded" else None
     if padded is None:
         finetune(config)
     real = TokenizedSplit.load(run_dir / "data" / "train")
     counted = real if padded is None else padded
-    plan = step_plan(real, spec["total_steps"])
+    plan = step_plan(real, spec["total_steps"], shape)
     records = [r for r in read(run_dir / "metrics.jsonl") if "loss" in r]
     steps = []
     for record in records:
@@ -266,7 +297,7 @@ def run_tunesmith(variant: Variant, spec: dict) -> dict:
         # the step's time. Padded runs count their pads there, so the counted split is used.
         seconds = step_work(counted, indices)["tokens"] / record["tokens_per_second"]
         steps.append({**step_work(real, indices), "loss": record["loss"], "seconds": seconds})
-    return {"steps": steps, "dtype": str(pick_dtype("auto", pick_device("auto"))).replace("torch.", "")}
+    return {"steps": steps, "dtype": str(pick_dtype(variant.precision, pick_device("auto"))).replace("torch.", "")}
 
 
 class StepWork:
@@ -296,11 +327,12 @@ class StepWork:
 def _trl_config(variant: Variant, spec: dict, dtype: torch.dtype, rows_per_step: int):
     from trl import SFTConfig
 
-    batching = {"padded": {"packing": False, "padding_free": False, "max_length": MAX_LENGTH},
-                # the rows are already at most MAX_LENGTH (tunesmith truncated them); TRL refuses
+    max_length = SHAPES[spec["shape"]].max_length
+    batching = {"padded": {"packing": False, "padding_free": False, "max_length": max_length},
+                # the rows are already at most max_length (tunesmith truncated them); TRL refuses
                 # padding_free without packing unless max_length is None
                 "padding_free": {"packing": False, "padding_free": True, "max_length": None},
-                "packing": {"packing": True, "packing_strategy": "bfd", "max_length": MAX_LENGTH}}
+                "packing": {"packing": True, "packing_strategy": "bfd", "max_length": max_length}}
     return SFTConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=rows_per_step, gradient_accumulation_steps=1,
         num_train_epochs=1, max_steps=-1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
@@ -340,14 +372,15 @@ def run_trl(variant: Variant, spec: dict) -> dict:
     from trl import SFTTrainer
 
     device = pick_device("auto")
-    dtype = pick_dtype("auto", device)
+    dtype = pick_dtype(variant.precision, device)
     location = str(resolve(MODEL))
     rows = json.loads(Path(spec["tokens"]).read_text())
     dataset = datasets.Dataset.from_list(rows)
-    rows_per_step = BATCH_SIZE
-    if variant.batching == "packing":  # about the same tokens per step as 8 unpacked examples
+    shape = SHAPES[spec["shape"]]
+    rows_per_step = shape.batch
+    if variant.batching == "packing":  # about the same tokens per step as the shape's unpacked examples
         mean_length = statistics.mean(len(r["input_ids"]) for r in rows)
-        rows_per_step = max(1, round(BATCH_SIZE * mean_length / MAX_LENGTH))
+        rows_per_step = max(1, round(shape.batch * mean_length / shape.max_length))
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -428,11 +461,13 @@ def run_child(variant: Variant, spec: dict, work_dir: Path) -> Row:
     return row
 
 
-def measure_peaks(device: torch.device, skip_bf16: bool) -> dict[str, float]:
+def measure_peaks(device: torch.device) -> dict[str, float]:
+    """Best-of-windows matmul peaks: fp32 always, bf16 where the hardware has it natively (elsewhere
+    a bf16 matmul is emulated, hundreds of times slower, and would take minutes to measure)."""
     from tunesmith.train.flops import measure_peak_flops
 
     peaks = {"float32": measure_peak_flops(device, torch.float32)}
-    if not skip_bf16:
+    if device.type == "cuda" or cpu_has_bf16():
         peaks["bfloat16"] = measure_peak_flops(device, torch.bfloat16)
     return peaks
 
@@ -458,12 +493,12 @@ def prepare_data(args, work_dir: Path, total_steps: int) -> tuple[Path, Path, di
     empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
     empty_chat = tokenizer.apply_chat_template(empty, tokenize=False)
     overhead = len(tokenizer(empty_chat, add_special_tokens=False)["input_ids"])  # template tokens per row
+    shape = SHAPES[args.shape]
     data_path = work_dir / "train.jsonl"
-    write_jsonl_atomic(data_path, make_rows(tokenizer, args.rows, args.seed, args.median_tokens,
-                                             MAX_LENGTH - overhead - 8))
-    prepared = prepare(tunesmith_config(data_path, work_dir / "prepared", total_steps, None), tokenizer)
+    write_jsonl_atomic(data_path, make_rows(tokenizer, args.rows, args.seed, shape, shape.max_length - overhead - 8))
+    prepared = prepare(tunesmith_config(data_path, work_dir / "prepared", total_steps, None, shape), tokenizer)
     split = prepared.splits["train"]
-    plan = step_plan(split, total_steps)
+    plan = step_plan(split, total_steps, shape)
     order = [i for step in range(total_steps) for i in plan.step_indices(step)]
     tokens_path = work_dir / "trl_tokens.json"
     rows = []
@@ -520,6 +555,14 @@ def _fmt(value: float, digits: int = 0) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
+def row_mfu(row: Row, flops, peaks: dict[str, float]) -> float | None:
+    """Useful FLOPs per second over the measured matmul peak of the row's dtype."""
+    seconds = row.total("seconds")
+    useful = sum(flops.step_flops(s["tokens"], s["targets"], s["lengths"]) for s in row.timed)
+    peak = peaks.get(row.dtype)
+    return useful / seconds / peak if peak and seconds > 0 else None
+
+
 def table_lines(rows: list[Row], flops, peaks: dict[str, float]) -> list[str]:
     memory_kind = next((r.memory_kind for r in rows if r.ok), "peak RSS")
     lines = [(f"| run | settings | real tok/s | supervised tok/s | {memory_kind} (MiB) | final loss "
@@ -533,9 +576,8 @@ def table_lines(rows: list[Row], flops, peaks: dict[str, float]) -> list[str]:
             lines.append(f"| {v.name} | {v.settings} | failed: {error} | | | | | {wall} | |")
             continue
         seconds = row.total("seconds")
-        useful = sum(flops.step_flops(s["tokens"], s["targets"], s["lengths"]) for s in row.timed)
-        peak = peaks.get(row.dtype)
-        mfu = f"{100 * useful / seconds / peak:.1f}%" if peak and seconds > 0 else "n/a"
+        share = row_mfu(row, flops, peaks)
+        mfu = "n/a" if share is None else f"{100 * share:.1f}%"
         lines.append(f"| {v.name} | {v.settings} | {_fmt(row.rate('tokens'))} | {_fmt(row.rate('targets'))} "
                      f"| {_fmt(row.peak_bytes / 2**20)} | {_fmt(row.final_loss, 4)} | {_fmt(seconds, 1)} "
                      f"({len(row.timed)}) | {_fmt(row.wall_seconds)} | {mfu} |")
@@ -560,8 +602,8 @@ def comparison_lines(rows: list[Row]) -> list[str]:
     memory = ours.peak_bytes / leanest.peak_bytes
     at_fastest = ours.peak_bytes / fastest.peak_bytes
     lines = [f"- Throughput: tunesmith / TRL's fastest ({fastest.variant.name}) = **{speed:.2f}x**",
-             f"- Memory: tunesmith / TRL at that fastest setting = **{at_fastest:.2f}x**; "
-             f"/ TRL's leanest ({leanest.variant.name}) = **{memory:.2f}x**"]
+             (f"- Memory: tunesmith / TRL at that fastest setting = **{at_fastest:.2f}x**; "
+             f"/ TRL's leanest ({leanest.variant.name}) = **{memory:.2f}x**")]
     for other in theirs:
         if same_examples(ours, other):
             gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours.steps, other.steps, strict=True))
@@ -573,27 +615,67 @@ def comparison_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def write_results(path: Path, section: list[str]) -> None:
+def section_name(shape: Shape) -> str:
+    return "train_speed" if shape.name == "mixed" else f"train_speed_{shape.name}"  # mixed: the original
+
+
+def write_results(path: Path, name: str, section: list[str]) -> None:
     from results_md import write_section  # bench/ is on the path of a script run from it
 
-    write_section(path, "train_speed", section)
+    write_section(path, name, section)
+
+
+def shape_summary(shape: Shape, rows: list[Row], flops, peaks: dict) -> dict | None:
+    """The figures the summary table across shapes shows for one shape (None without both sides)."""
+    ours = next((r for r in rows if r.variant.name == "tunesmith" and r.ok), None)
+    theirs = [r for r in rows if r.variant.tool == "trl" and r.ok]
+    if ours is None or not theirs:
+        return None
+    best = max(theirs, key=lambda r: r.rate("tokens"))
+    return {"shape": shape.name, "about": shape.about, "tokens_per_second": ours.rate("tokens"),
+            "peak_mib": ours.peak_bytes / 2**20, "dtype": ours.dtype, "mfu": row_mfu(ours, flops, peaks),
+            "trl_best": best.variant.name, "trl_tokens_per_second": best.rate("tokens"),
+            "trl_peak_mib": best.peak_bytes / 2**20, "trl_leanest_mib": min(r.peak_bytes for r in theirs) / 2**20,
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def summary_lines(summaries: list[dict], peaks: dict, device: torch.device) -> list[str]:
+    lines = ["## Training speed by workload shape: tunesmith vs TRL's best setting for each (bench/train_speed.py)",
+             "", *machine_lines(device),
+             "- Matmul peak (measure_peak_flops, best of several windows): "
+             + ", ".join(f"{name} {value / 1e9:,.1f} GFLOP/s" for name, value in peaks.items()),
+             f"- Command: `{_shown_python()} bench/train_speed.py --shape all` (each shape's table below)", "",
+             ("| shape | tunesmith tok/s | TRL's best setting | its tok/s | speed ratio | memory: tunesmith / that "
+             "setting | MFU (tunesmith) | measured |"),
+             "|---|---:|---|---:|---:|---:|---:|---|"]
+    for s in summaries:
+        mfu = "n/a" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+        lines.append(f"| {s['about']} | {s['tokens_per_second']:,.0f} | {s['trl_best']} | "
+                     f"{s['trl_tokens_per_second']:,.0f} | **{s['tokens_per_second'] / s['trl_tokens_per_second']:.2f}x** "
+                     f"| {s['peak_mib'] / s['trl_peak_mib']:.2f}x ({s['peak_mib']:,.0f} / {s['trl_peak_mib']:,.0f} MiB) "
+                     f"| {mfu} ({s['dtype']}) | {s['date']} |")
+    return lines
 
 
 def report(args, rows: list[Row], flops, peaks: dict, facts: dict, device: torch.device) -> list[str]:
+    shape = SHAPES[args.shape]
     length, content = facts["length"], facts["content_length"]
-    dtype = next((r.dtype for r in rows if r.ok), str(pick_dtype("auto", device)).replace("torch.", ""))
+    dtype = next((r.dtype for r in rows if r.ok and r.variant.precision == "auto"),
+                 str(pick_dtype("auto", device)).replace("torch.", ""))
     peak_line = ", ".join(f"{name} {value / 1e9:,.1f} GFLOP/s" for name, value in peaks.items())
     work = (f"SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout {LORA['dropout']} "
-            f"on all linear layers, max length {MAX_LENGTH}, {BATCH_SIZE} sequences per optimizer step, "
-            f"AdamW lr {LEARNING_RATE} constant, grad clip 1.0, prompt masked, {dtype}; "
-            f"{args.steps + 1} steps ({facts['used_examples']} examples, {facts['used_tokens']:,} tokens); "
-            "step 1 is a warm-up, not timed")
+            f"on all linear layers, max length {shape.max_length}, {shape.batch} sequences per optimizer step, "
+            f"AdamW lr {LEARNING_RATE} constant, grad clip 1.0, prompt masked, {dtype} (precision auto) unless "
+            f"a row says bf16; {args.steps + 1} steps ({facts['used_examples']} examples, "
+            f"{facts['used_tokens']:,} tokens); step 1 is a warm-up, not timed")
     data = (f"{facts['rows']} synthetic question/answer rows (seed {args.seed}, log-normal lengths, median "
-            f"{args.median_tokens}); prompt+response {content['min']}-{content['max']} tokens (median "
+            f"{shape.median}, clipped to {shape.least}-{min(shape.most, shape.max_length)}); prompt+response "
+            f"{content['min']}-{content['max']} tokens (median "
             f"{content['p50']}, mean {content['mean']}, p90 {content['p90']}); with the chat template "
             f"{length['min']}-{length['max']} (mean {length['mean']}); "
             f"{100 * facts['supervised_share']:.0f}% of tokens supervised; {facts['truncated']} truncated")
-    return ["## Training: tunesmith vs TRL SFTTrainer (bench/train_speed.py)", "",
+    return [f"## Training, {shape.about}: tunesmith vs TRL SFTTrainer (bench/train_speed.py --shape {shape.name})",
+            "",
             *machine_lines(device),
             f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"- Command: `{' '.join([_shown_python(), *sys.argv])}`",
@@ -622,77 +704,120 @@ NOTES = [
     "step's longest with unsupervised pad tokens, so its loss equals the packed run's."),
     ("- TRL gets tunesmith's token ids and completion masks (a pre-tokenized dataset) in tunesmith's step "
     "order with a sequential sampler; the LoRA initialisation differs (each tool seeds its own)."),
-    ("- TRL padding_free without packing needs max_length=None (the rows are already at most 512); with SDPA "
-    "transformers turns the restarting position_ids into a block-diagonal mask. trl-packing packs whole "
-    "examples (bfd) into rows of 512, about as many tokens per step as 8 examples."),
+    ("- TRL padding_free without packing needs max_length=None (the rows are already at most the max length); "
+    "with SDPA transformers turns the restarting position_ids into a block-diagonal mask. trl-packing packs "
+    "whole examples (bfd) into rows of the max length, about as many tokens per step as the shape's batch."),
+    ("- bf16 rows keep the frozen weights in bf16 and run the maths in bf16 (tunesmith: autocast; TRL: "
+    "bf16=True); the LoRA weights and their optimizer state stay fp32."),
 ]
 
 
 def notes(peaks: dict, device: torch.device) -> list[str]:
     lines = ["Notes:", *NOTES]
-    if "bfloat16" in peaks and device.type == "cpu" and not cpu_has_bf16():
+    if device.type == "cpu" and "bfloat16" in peaks:
         ratio = peaks["float32"] / peaks["bfloat16"]
-        lines.append(f"- bf16 frozen weights cannot pay on this CPU: without avx512_bf16 / AMX a bf16 matmul "
-                     f"runs {ratio:,.0f}x slower than fp32 here, so precision auto trains in fp32 and "
-                     "no bf16 row is run.")
+        native = "has native bf16 (avx512_bf16" + (" / AMX)" if "amx" in cpu_flags() else ", no AMX)")
+        pick = str(pick_dtype("auto", device)).replace("torch.", "")
+        lines.append(f"- This CPU {native if cpu_has_bf16() else 'has no native bf16'}: a bf16 matmul runs "
+                     f"{ratio:.2f}x {'slower' if ratio > 1 else 'faster'} than fp32 here (the peaks above), "
+                     f"so precision auto trains in {pick}.")
+    elif device.type == "cpu":
+        lines.append("- No bf16 rows: this CPU has no native bf16 (no avx512_bf16 / AMX), where a bf16 matmul runs "
+                     "hundreds of times slower than fp32; precision auto trains in fp32.")
     return lines
+
+
+def cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4,
-                        help="timed optimizer steps, after one warm-up step (4: about 20 minutes on 2 cores)")
-    parser.add_argument("--rows", type=int, default=None, help="synthetic rows (default: 8 x (steps + 1))")
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all",
+                        help="workload: " + "; ".join(f"{s.name}: {s.about}, {s.batch} per step, max length "
+                                                      f"{s.max_length}" for s in SHAPES.values()))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps, after one warm-up step (default per shape: "
+                             + ", ".join(f"{s.name} {s.steps}" for s in SHAPES.values()) + ")")
+    parser.add_argument("--rows", type=int, default=None, help="synthetic rows (default: batch x (steps + 1))")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the synthetic data")
-    parser.add_argument("--median-tokens", type=int, default=80,
-                        help="median prompt+response tokens of a synthetic row (log-normal spread)")
-    parser.add_argument("--runs", default="all", help="comma-separated run names (default: all): "
-                        + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument("--runs", default="core", help="comma-separated run names, core (default: every TRL "
+                        "setting, tunesmith with and without checkpointing, the bf16 pair where the CPU has "
+                        "native bf16) or all: " + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "train_speed")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-results", action="store_true", help="print the table only")
-    parser.add_argument("--skip-bf16-peak", action="store_true",
-                        help="skip the bf16 matmul peak (about a minute on a CPU without native bf16)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
-    args.rows = args.rows or BATCH_SIZE * (args.steps + 1)
-    if args.rows < BATCH_SIZE:
-        parser.error(f"--rows must be at least {BATCH_SIZE}")
     return args
+
+
+def chosen_variants(runs: str, device: torch.device) -> list[Variant]:
+    by_name = {v.name: v for v in VARIANTS}  # in the order given, so a re-check can run them reversed
+    bf16_pays_a_look = device.type == "cuda" or cpu_has_bf16()
+    if runs in ("core", "all"):
+        return [v for v in VARIANTS if (runs == "all" or v.core) and (v.precision == "auto" or bf16_pays_a_look)]
+    unknown = [n for n in runs.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {list(by_name)}")
+    return [by_name[n] for n in runs.split(",")]
+
+
+def run_shape(args, shape: Shape, wanted: list[Variant], peaks: dict, device: torch.device) -> dict | None:
+    """One shape: its data, every chosen run, its section of RESULTS.md; returns its summary."""
+    args = argparse.Namespace(**{**vars(args), "shape": shape.name})
+    args.steps = args.steps or shape.steps
+    args.rows = args.rows or shape.batch * (args.steps + 1)
+    if args.rows < shape.batch:
+        raise SystemExit(f"--rows must be at least {shape.batch} for the {shape.name} shape")
+    total_steps = args.steps + 1
+    work_dir = args.work_dir / shape.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{shape.name}] preparing {args.rows} rows ...", file=sys.stderr)
+    data_path, tokens_path, facts = prepare_data(args, work_dir, total_steps)
+    flops = flop_model(tunesmith_config(data_path, work_dir / "prepared", total_steps, None, shape))
+    spec = {"data": str(data_path), "tokens": str(tokens_path), "total_steps": total_steps, "shape": shape.name}
+    rows = []
+    for variant in wanted:
+        print(f"[{shape.name}] running {variant.name} ...", file=sys.stderr, flush=True)
+        row = run_child(variant, spec, work_dir)
+        print(f"  {'ok' if row.ok else row.error}  ({row.wall_seconds:.0f} s)", file=sys.stderr, flush=True)
+        rows.append(row)
+    lines = report(args, rows, flops, peaks, facts, device)
+    print("\n".join(lines))
+    summary = shape_summary(shape, rows, flops, peaks)
+    if not args.no_results:
+        write_results(args.results, section_name(shape), lines)
+        if summary is not None:
+            (work_dir / "summary.json").write_text(json.dumps(summary))
+    return summary if all(r.ok for r in rows) else None
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child)
-    by_name = {v.name: v for v in VARIANTS}  # in the order given, so a re-check can run them reversed
-    wanted = VARIANTS if args.runs == "all" else [by_name[n] for n in args.runs.split(",") if n in by_name]
-    unknown = set(args.runs.split(",")) - {v.name for v in VARIANTS} - {"all"}
-    if unknown or not wanted:
-        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {[v.name for v in VARIANTS]}")
-    total_steps = args.steps + 1
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device("auto")
-    print(f"Preparing {args.rows} rows and the model ...", file=sys.stderr)
-    data_path, tokens_path, facts = prepare_data(args, args.work_dir, total_steps)
-    flops = flop_model(tunesmith_config(data_path, args.work_dir / "prepared", total_steps, None))
+    wanted = chosen_variants(args.runs, device)
     print("Measuring the matmul peak ...", file=sys.stderr)
-    peaks = measure_peaks(device, args.skip_bf16_peak)
-    spec = {"data": str(data_path), "tokens": str(tokens_path), "total_steps": total_steps}
-    rows = []
-    for variant in wanted:
-        print(f"Running {variant.name} ...", file=sys.stderr, flush=True)
-        row = run_child(variant, spec, args.work_dir)
-        print(f"  {'ok' if row.ok else row.error}  ({row.wall_seconds:.0f} s)", file=sys.stderr, flush=True)
-        rows.append(row)
-    lines = report(args, rows, flops, peaks, facts, device)
-    print("\n".join(lines))
-    if not args.no_results:
-        write_results(args.results, lines)
+    peaks = measure_peaks(device)
+    shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
+    results = [run_shape(args, shape, wanted, peaks, device) for shape in shapes]
+    if not args.no_results:  # the summary shows every shape measured so far, the others from earlier runs
+        summaries = []
+        for shape in SHAPES.values():
+            saved = args.work_dir / shape.name / "summary.json"
+            if saved.is_file():
+                summaries.append(json.loads(saved.read_text()))
+        if summaries:
+            write_results(args.results, "train_speed_summary", summary_lines(summaries, peaks, device))
         print(f"\nWrote {args.results}", file=sys.stderr)
-    return 0 if all(r.ok for r in rows) else 1
+    return 0 if all(r is not None for r in results) else 1
 
 
 if __name__ == "__main__":

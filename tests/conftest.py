@@ -26,6 +26,8 @@ import tiny
 import torch
 from helpers import REAL_CACHE, CliResult
 
+from tunesmith.train.flops import PEAK_FILE
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
@@ -33,12 +35,12 @@ def private_cache(tmp_path_factory):
     CPU (it only feeds the MFU figure) so that no run spends a second measuring it."""
     cache = tmp_path_factory.mktemp("tunesmith-cache")
     try:
-        table = json.loads((REAL_CACHE / "peak_flops.json").read_text())
+        table = json.loads((REAL_CACHE / PEAK_FILE).read_text())
     except (OSError, ValueError):
         table = {}
     for dtype in ("torch.float32", "torch.bfloat16"):
         table.setdefault(f"cpu-{torch.get_num_threads()}/{dtype}", 1e11)
-    (cache / "peak_flops.json").write_text(json.dumps(table))
+    (cache / PEAK_FILE).write_text(json.dumps(table))
     previous = os.environ.get("TUNESMITH_CACHE")
     os.environ["TUNESMITH_CACHE"] = str(cache)
     yield cache

@@ -26,12 +26,28 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (avx512_bf16 or AMX): ~5x faster than fp32 here."""
+    """True where the CPU has bf16 instructions (avx512_bf16 or AMX). Having them is not enough for
+    bf16 to be fast: see cpu_bf16_pays."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+BF16_MARGIN = 1.1  # bf16 must multiply this much faster than fp32 for precision auto to take it on a CPU
+
+
+def cpu_bf16_pays() -> bool:
+    """bf16 is the faster precision on this CPU: it has the instructions and a measured bf16 matmul
+    beats fp32 (cached per machine). With AMX bf16 runs several times faster than fp32; with
+    avx512_bf16 alone it measured about half fp32's speed (an Intel Xeon, 2 threads)."""
+    if not cpu_has_bf16():
+        return False
+    from tunesmith.train.flops import cached_peak_flops
+
+    cpu = torch.device("cpu")
+    return cached_peak_flops(cpu, torch.bfloat16) > BF16_MARGIN * cached_peak_flops(cpu, torch.float32)
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -43,10 +59,15 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
             say("Warning: this CPU has no native bf16 (avx512_bf16 or AMX); bf16 maths will be far "
                 "slower than fp32 here. precision: auto picks the fast one.")
+        elif device.type == "cpu" and not cpu_bf16_pays():
+            from tunesmith.log import say
+
+            say("Note: on this CPU a bf16 matmul measures slower than fp32 (bf16 instructions without AMX); "
+                "bf16 halves the frozen weights' memory but trains slower. precision: auto picks fp32 here.")
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_pays() else torch.float32
 
 
 BUSY_SHARE = 0.75  # load average at or above this share of the cores: other work is using the CPU

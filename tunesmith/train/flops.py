@@ -23,7 +23,7 @@ class FlopModel:
     attention_width: int  # layers x heads x head_dim, summed over layers
 
     @classmethod
-    def of(cls, model) -> "FlopModel":
+    def of(cls, model) -> FlopModel:
         from tunesmith.train.loss import unwrap
 
         hf = unwrap(model)
@@ -51,23 +51,28 @@ class FlopModel:
         return float(body + head + attention)
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Dense matmul throughput (FLOP/s) of this device in dtype: the denominator of MFU."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0, windows: int = 5) -> float:
+    """Dense matmul throughput (FLOP/s) of this device in dtype: the denominator of MFU. The best of
+    several short windows: the first ones often run slower (clocks ramping up, pages being touched,
+    another process finishing), and a low peak would overstate every MFU measured against it."""
     size = 2048 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     _sync(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        if device.type != "cpu" and count % 10:
-            continue
+    best = 0.0
+    for _ in range(windows):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows or count == 0:
+            a @ b
+            count += 1
+            if device.type != "cpu" and count % 10:
+                continue
+            _sync(device)
         _sync(device)
-    _sync(device)
-    return 2 * size**3 * count / (time.perf_counter() - start)
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -75,12 +80,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PEAK_FILE = "peak_flops_v2.json"  # v2: best of several windows (v1 kept one, often a slow first one)
+
+
 def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The measured peak, remembered per machine so each run does not pay a second for it."""
     from tunesmith.model.load import cache_root
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}"
-    path = cache_root() / "peak_flops.json"
+    path = cache_root() / PEAK_FILE
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -1,0 +1,131 @@
+"""Where a tunesmith training step goes, for one workload shape: torch's profiler over a few steps.
+
+    .venv/bin/python bench/profile_step.py [--shape short|mixed|long] [--steps 3] [--precision fp32]
+
+The same work as bench/train_speed.py (SmolLM2-135M-Instruct, LoRA r=16 on every linear layer,
+the shape's rows and batch), run through tunesmith's own step (packing, the packed attention, the
+chunked loss, AdamW) after one warm-up step. Prints the wall time of each phase (forward+backward,
+optimizer) and the operators by self CPU time, grouped by what they are for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from train_speed import (  # bench/ is on the path
+    MODEL,
+    SEED,
+    SHAPES,
+    flop_model,
+    prepare_data,
+    tunesmith_config,
+)
+
+from tunesmith.device import pick_dtype
+from tunesmith.model.adapters import prepare_for_training
+from tunesmith.model.load import load_model, resolve
+from tunesmith.train.batching import pack
+from tunesmith.train.flops import cached_peak_flops
+from tunesmith.train.loss import PackedLoss
+from tunesmith.train.objective import train_step
+from tunesmith.train.optim import build_optimizer
+
+# Operator name -> what it is for. First match wins; the rest is "other".
+GROUPS = [
+    ("matmul", ("addmm", "mm", "bmm", "matmul", "linear")),
+    ("attention", ("_scaled_dot_product", "_flash_attention", "scaled_dot_product")),
+    ("dropout / random", ("bernoulli", "dropout", "rand")),
+    ("loss (softmax, cross-entropy)", ("log_softmax", "nll_loss", "cross_entropy", "_softmax")),
+    ("copies and layout", ("copy_", "contiguous", "cat", "clone", "to", "_to_copy", "index", "gather",
+                           "split", "transpose", "view", "reshape", "slice", "select", "unsqueeze",
+                           "expand", "empty", "zeros", "fill_", "zero_", "as_strided", "t", "permute")),
+    ("optimizer", ("_fused_adamw", "adamw", "_foreach")),
+    ("elementwise", ("mul", "add", "silu", "sigmoid", "pow", "mean", "rsqrt", "neg", "div", "sum", "sub",
+                     "exp", "where", "embedding", "cos", "sin", "threshold", "tanh", "masked")),
+]
+
+
+def group_of(name: str) -> str:
+    bare = name.removeprefix("aten::").split(".")[0]
+    for group, names in GROUPS:
+        if any(bare == n or bare.startswith(n + "_") or (len(n) > 4 and n in bare) for n in names):
+            return group
+    return "other"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="short")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--top", type=int, default=25, help="operators listed")
+    args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
+    total = args.steps + 1
+    work = args.__class__(rows=shape.batch * total, seed=SEED, shape=args.shape, steps=args.steps)
+    from pathlib import Path
+
+    work_dir = Path(__file__).resolve().parent / "_work" / f"profile_{args.shape}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data_path, _, facts = prepare_data(work, work_dir, total)
+    config = tunesmith_config(data_path, work_dir / "prepared", total, None, shape)
+    from train_speed import step_plan
+
+    from tunesmith.data.dataset import TokenizedSplit
+
+    split = TokenizedSplit.load(work_dir / "prepared" / "data" / "train")
+    plan = step_plan(split, total, shape)
+    dtype = pick_dtype(args.precision, torch.device("cpu"))
+    model = prepare_for_training(load_model(resolve(MODEL)), config, dtype)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    wrapped = PackedLoss(model)
+    optimizer = build_optimizer(wrapped, config.train)
+    flops = flop_model(config)
+
+    def one_step(step: int) -> tuple[float, float, dict]:
+        indices = plan.step_indices(step)
+        batch = pack(split, indices)
+        started = time.perf_counter()
+        train_step(wrapped, [batch], autocast, config.train.loss_chunk_size)
+        middle = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lengths = [int(split.lengths[i]) for i in indices]
+        work = {"tokens": sum(lengths), "targets": int(batch.n_targets), "lengths": lengths}
+        return middle - started, time.perf_counter() - middle, work
+
+    one_step(0)
+    phases = defaultdict(float)
+    useful = 0.0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for step in range(1, total):
+            forward_backward, optimizer_seconds, work = one_step(step)
+            phases["forward + backward"] += forward_backward
+            phases["optimizer"] += optimizer_seconds
+            useful += flops.step_flops(work["tokens"], work["targets"], work["lengths"])
+    seconds = sum(phases.values())
+    peak = cached_peak_flops(torch.device("cpu"), dtype)
+    print(f"shape {args.shape}: {facts['rows']} rows, length {facts['length']}, {shape.batch} per step, "
+          f"{dtype}; {args.steps} steps in {seconds:.2f} s (profiler on), MFU {100 * useful / seconds / peak:.1f}% "
+          f"of {peak / 1e9:.0f} GFLOP/s")
+    for name, value in phases.items():
+        print(f"  {name:<22} {value / args.steps * 1000:8.1f} ms/step")
+    averages = profiler.key_averages()
+    by_group = defaultdict(float)
+    for event in averages:
+        by_group[group_of(event.key)] += event.self_cpu_time_total
+    total_us = sum(by_group.values())
+    print("\nself CPU time by purpose:")
+    for name, value in sorted(by_group.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<32} {100 * value / total_us:5.1f}%  {value / 1e3 / args.steps:8.1f} ms/step")
+    print(f"\ntop {args.top} operators by self CPU time:")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
