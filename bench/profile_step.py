@@ -11,6 +11,7 @@ optimizer) and the operators by self CPU time, grouped by what they are for.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -57,12 +58,43 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def set_fused(fused: dict, on: bool) -> None:
+    """tunesmith's fused LoRA forward on each LoRA layer (on), or PEFT's own (off)."""
+    for module, forward in fused.items():
+        if on:
+            module.forward = forward
+        else:
+            module.__dict__.pop("forward", None)
+
+
+def interleaved(args, fused: dict, one_step, total: int) -> int:
+    """The same steps with the fused LoRA forward and with PEFT's, alternating (A B B A ...), so that
+    the machine's drift hits both alike; prints each side's median step time."""
+    times = {"fused": [], "peft": []}
+    for round_ in range(args.ab):
+        order = ["fused", "peft"] if round_ % 2 == 0 else ["peft", "fused"]
+        for side in order:
+            set_fused(fused, side == "fused")
+            seconds = [sum(one_step(step)[:2]) for step in range(1, total)]
+            times[side].append(sum(seconds))
+    for side, values in times.items():
+        print(f"{side:>6}: median {statistics.median(values):.3f} s per {args.steps} steps "
+              f"({', '.join(f'{v:.2f}' for v in values)})")
+    print(f"fused / peft time: {statistics.median(times['fused']) / statistics.median(times['peft']):.3f}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="short")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps, after one warm-up step")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--top", type=int, default=25, help="operators listed")
+    parser.add_argument("--peft-forward", action="store_true",
+                        help="PEFT's own LoRA forward instead of tunesmith's fused one (to compare)")
+    parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                        help="no profiler: time the fused and PEFT forwards in alternation, ROUNDS rounds")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (the bench uses 0)")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     total = args.steps + 1
@@ -80,7 +112,10 @@ def main(argv: list[str]) -> int:
     split = TokenizedSplit.load(work_dir / "prepared" / "data" / "train")
     plan = step_plan(split, total, shape)
     dtype = pick_dtype(args.precision, torch.device("cpu"))
+    config = config.model_copy(update={"lora": config.lora.model_copy(update={"dropout": args.lora_dropout})})
     model = prepare_for_training(load_model(resolve(MODEL)), config, dtype)
+    fused = {m: m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__}
+    set_fused(fused, not args.peft_forward)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     wrapped = PackedLoss(model)
     optimizer = build_optimizer(wrapped, config.train)
@@ -99,6 +134,8 @@ def main(argv: list[str]) -> int:
         return middle - started, time.perf_counter() - middle, work
 
     one_step(0)
+    if args.ab:
+        return interleaved(args, fused, one_step, total)
     phases = defaultdict(float)
     useful = 0.0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:

@@ -11,6 +11,7 @@ import torch
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
+from tunesmith.model.fused_lora import use_fused_lora
 
 
 def load_for_training(location, config: RunConfig, device: str, dtype: torch.dtype):
@@ -37,6 +38,7 @@ def prepare_for_training(model, config: RunConfig, dtype: torch.dtype):
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+    use_fused_lora(model)  # PEFT's own forward wherever the fused one does not apply
     return model
 
 
