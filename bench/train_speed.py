@@ -340,6 +340,7 @@ def _trl_config(variant: Variant, spec: dict, dtype: torch.dtype, rows_per_step:
         bf16=dtype == torch.bfloat16, fp16=False, gradient_checkpointing=variant.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, completion_only_loss=True, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
         **batching[variant.batching])
 
 

@@ -2,7 +2,10 @@
 
 The full (tokens x vocabulary) logits matrix is never held: hidden states are gathered at the
 positions that predict a supervised token, then the output layer and the loss run chunk by
-chunk under activation checkpointing, so backward keeps one chunk's logits at a time.
+chunk. In fp32 without a logit transform (the CPU default) each chunk's gradient is computed in
+the forward pass itself (softmax minus one-hot, times the output weight), so backward neither
+recomputes the logits nor runs log_softmax's backward; elsewhere each chunk runs under activation
+checkpointing. Either way one chunk's logits are held at a time.
 """
 
 from __future__ import annotations
@@ -19,11 +22,18 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
 def logit_transform(config):
-    """Scalings some families apply to logits (soft-capping, logit scales), as one function."""
+    """Scalings some families apply to logits (soft-capping, logit scales), as one function; None
+    for the families that apply none."""
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     divide = getattr(config, "logits_scaling", None)
+    if softcap is None and scale is None and divide is None:
+        return None
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
@@ -47,16 +57,66 @@ def _chunk_logps(hidden, weight, bias, targets, transform):
     return -F.cross_entropy(transform(logits), targets, reduction="none")  # (chunk,)
 
 
-def chunked_cross_entropy(hidden, output_layer, targets, transform=lambda x: x, chunk_size=1024):
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (hidden Wᵀ + b) against targets, its gradients made chunk by chunk
+    during the forward pass and kept (n x d for hidden, the shape of W and b where they train)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, grad_enabled: bool):
+        want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        want_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
+            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # (chunk, vocab)
+            norm = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(t.shape[0], device=t.device)
+            total += (norm - logits[rows, t]).sum()
+            if not (want_hidden or want_weight or want_bias):
+                continue
+            probabilities = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+            probabilities[rows, t] -= 1.0  # d loss / d logits
+            if want_hidden:
+                torch.mm(probabilities, weight, out=grad_hidden[start: start + chunk_size])
+            if want_weight:
+                grad_weight.addmm_(probabilities.t(), h)
+            if want_bias:
+                grad_bias += probabilities.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad for g in (grad_hidden, grad_weight, grad_bias)]
+        return *scaled, None, None, None
+
+
+def _fused_applies(hidden, output_layer, transform) -> bool:
+    """The fused loss covers fp32 maths without a logit transform, outside autocast."""
+    weight, bias = output_layer.weight, output_layer.bias
+    same = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    return same and transform is None and not torch.is_autocast_enabled(hidden.device.type)
+
+
+def chunked_cross_entropy(hidden, output_layer, targets, transform=None, chunk_size=1024):
     """Sum of cross-entropy over rows of hidden (n, d) against targets (n,)."""
+    if _fused_applies(hidden, output_layer, transform):
+        return LinearCrossEntropy.apply(hidden, output_layer.weight, output_layer.bias, targets, chunk_size,
+                                        torch.is_grad_enabled())
+    transform = transform or _identity
     total = hidden.new_zeros((), dtype=torch.float32)
     for piece in _chunks(_chunk_loss, hidden, output_layer, targets, transform, chunk_size):
         total = total + piece
     return total
 
 
-def chunked_token_logps(hidden, output_layer, targets, transform=lambda x: x, chunk_size=1024) -> torch.Tensor:
+def chunked_token_logps(hidden, output_layer, targets, transform=None, chunk_size=1024) -> torch.Tensor:
     """log p(target) of every row of hidden (n, d): (n,) in fp32, one chunk of logits at a time."""
+    transform = transform or _identity
     pieces = list(_chunks(_chunk_logps, hidden, output_layer, targets, transform, chunk_size))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
