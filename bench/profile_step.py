@@ -29,11 +29,14 @@ from train_speed import (  # bench/ is on the path
 from tunesmith.device import pick_dtype
 from tunesmith.model.adapters import prepare_for_training
 from tunesmith.model.load import load_model, resolve
+from tunesmith.train import loss as _loss
 from tunesmith.train.batching import pack
 from tunesmith.train.flops import cached_peak_flops
 from tunesmith.train.loss import PackedLoss
 from tunesmith.train.objective import train_step
 from tunesmith.train.optim import build_optimizer
+
+REAL_FUSED_APPLIES = _loss._fused_applies  # what --ab-of loss switches back on
 
 # Operator name -> what it is for. First match wins; the rest is "other".
 GROUPS = [
@@ -67,20 +70,29 @@ def set_fused(fused: dict, on: bool) -> None:
             module.__dict__.pop("forward", None)
 
 
+def switch(part: str, fused: dict, on: bool) -> None:
+    """One of tunesmith's step optimisations on or off: lora (the fused LoRA layer) or loss (the
+    fused output-layer cross-entropy)."""
+    from tunesmith.train import loss
+
+    if part == "lora":
+        set_fused(fused, on)
+    else:
+        loss._fused_applies = REAL_FUSED_APPLIES if on else (lambda *args: False)
+
+
 def interleaved(args, fused: dict, one_step, total: int) -> int:
-    """The same steps with the fused LoRA forward and with PEFT's, alternating (A B B A ...), so that
-    the machine's drift hits both alike; prints each side's median step time."""
-    times = {"fused": [], "peft": []}
+    """The same steps with one optimisation on and off, alternating (A B B A ...), so that the
+    machine's drift hits both alike; prints each side's median time."""
+    times = {"on": [], "off": []}
     for round_ in range(args.ab):
-        order = ["fused", "peft"] if round_ % 2 == 0 else ["peft", "fused"]
-        for side in order:
-            set_fused(fused, side == "fused")
-            seconds = [sum(one_step(step)[:2]) for step in range(1, total)]
-            times[side].append(sum(seconds))
+        for side in (["on", "off"] if round_ % 2 == 0 else ["off", "on"]):
+            switch(args.ab_of, fused, side == "on")
+            times[side].append(sum(sum(one_step(step)[:2]) for step in range(1, total)))
     for side, values in times.items():
-        print(f"{side:>6}: median {statistics.median(values):.3f} s per {args.steps} steps "
+        print(f"{args.ab_of} {side:>3}: median {statistics.median(values):.3f} s per {args.steps} steps "
               f"({', '.join(f'{v:.2f}' for v in values)})")
-    print(f"fused / peft time: {statistics.median(times['fused']) / statistics.median(times['peft']):.3f}")
+    print(f"{args.ab_of}: on / off time {statistics.median(times['on']) / statistics.median(times['off']):.3f}")
     return 0
 
 
@@ -93,7 +105,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--peft-forward", action="store_true",
                         help="PEFT's own LoRA forward instead of tunesmith's fused one (to compare)")
     parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
-                        help="no profiler: time the fused and PEFT forwards in alternation, ROUNDS rounds")
+                        help="no profiler: time the steps with --ab-of on and off in alternation, ROUNDS rounds")
+    parser.add_argument("--ab-of", choices=["lora", "loss"], default="lora",
+                        help="the optimisation --ab switches: lora (fused LoRA layer vs PEFT's) or loss (fused "
+                             "output-layer cross-entropy vs checkpointed chunks)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (the bench uses 0)")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]

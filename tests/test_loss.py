@@ -137,3 +137,4 @@ def test_packing_layout():
     assert batch.predict_at.tolist() == [0, 1, 4, 5]  # never across the example boundary
     assert batch.targets.tolist() == [21, 22, 12, 13]
     assert split.target_counts().tolist() == [2, 2]
+

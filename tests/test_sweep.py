@@ -26,8 +26,9 @@ TRAIN = {"max_steps": 6, "batch_size": 2, "micro_batch_size": 2, "warmup_steps":
          "eval_iters": 2, "precision": "fp32", "device": "cpu", "save_interval": 0, "log_interval": 1}
 
 
-def write_config(folder: Path, model: Path, data: Path, **train) -> Path:
-    config = {"model": str(model), "data": {"path": str(data)}, "train": {**TRAIN, **train}, "lora": {"r": 4}}
+def write_config(folder: Path, model: Path, data: Path, lora_dropout: float = 0.05, **train) -> Path:
+    config = {"model": str(model), "data": {"path": str(data)}, "train": {**TRAIN, **train},
+              "lora": {"r": 4, "dropout": lora_dropout}}
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -132,16 +133,17 @@ def test_resume_after_a_kill_runs_only_the_interrupted_trial_again(resumed):
 
 def test_pruner_stops_a_trial_whose_loss_ranks_below_the_others(cli, tmp_path, llama, data):
     """Grid order is the file's: lr 3e-2 trains first; lr 30 (hopeless) is then compared at its first
-    validation pass with successive halving (reduction factor 2, from step 1) and stopped there."""
-    config = write_config(tmp_path, llama, data, max_steps=30)
+    rung, step 4, with successive halving (reduction factor 2) and stopped there. No LoRA dropout,
+    so both courses are fixed (at step 2 the tiny model's losses are still too close to rank)."""
+    config = write_config(tmp_path, llama, data, max_steps=30, lora_dropout=0.0)
     space = write_space(tmp_path, "train.learning_rate: [3e-2, 30.0]\n"
-                                  "pruner: {type: asha, min_resource: 1, reduction_factor: 2}\n")
+                                  "pruner: {type: asha, min_resource: 4, reduction_factor: 2}\n")
     sweep_dir = tmp_path / "sweep"
     result = cli("sweep", config, "--space", space, "--out_dir", sweep_dir)
     assert result.code == 0, result.err
     rows = table(sweep_dir)
     assert [rows[0]["state"], rows[1]["state"]] == ["complete", "pruned"]
-    assert rows[1]["note"] == "pruned at step 2"
+    assert rows[1]["note"] == "pruned at step 4"
     assert last_step(sweep_dir / "trial-000") == 30 and (sweep_dir / "trial-000" / "final").is_dir()
     assert last_step(sweep_dir / "trial-001") < 30  # SIGINT stopped it: a checkpoint, no final/
     assert not (sweep_dir / "trial-001" / "final").exists()
