@@ -109,6 +109,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ab-of", choices=["lora", "loss"], default="lora",
                         help="the optimisation --ab switches: lora (fused LoRA layer vs PEFT's) or loss (fused "
                              "output-layer cross-entropy vs checkpointed chunks)")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk_size")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (the bench uses 0)")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -127,7 +128,8 @@ def main(argv: list[str]) -> int:
     split = TokenizedSplit.load(work_dir / "prepared" / "data" / "train")
     plan = step_plan(split, total, shape)
     dtype = pick_dtype(args.precision, torch.device("cpu"))
-    config = config.model_copy(update={"lora": config.lora.model_copy(update={"dropout": args.lora_dropout})})
+    config = config.model_copy(update={"lora": config.lora.model_copy(update={"dropout": args.lora_dropout}),
+                                       "train": config.train.model_copy(update={"loss_chunk_size": args.loss_chunk})})
     model = prepare_for_training(load_model(resolve(MODEL)), config, dtype)
     fused = {m: m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__}
     set_fused(fused, not args.peft_forward)
@@ -153,7 +155,7 @@ def main(argv: list[str]) -> int:
         return interleaved(args, fused, one_step, total)
     phases = defaultdict(float)
     useful = 0.0
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as profiler:
         for step in range(1, total):
             forward_backward, optimizer_seconds, work = one_step(step)
             phases["forward + backward"] += forward_backward

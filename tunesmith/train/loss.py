@@ -57,9 +57,15 @@ def _chunk_logps(hidden, weight, bias, targets, transform):
     return -F.cross_entropy(transform(logits), targets, reduction="none")  # (chunk,)
 
 
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, still a normal float32
+PIECE_BYTES = 24 * 2**20  # the fused loss's logits per piece: under glibc's 32 MiB mmap threshold, so each
+# piece's buffers are reused from the heap instead of mapped afresh (and page-faulted) every time
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (hidden Wᵀ + b) against targets, its gradients made chunk by chunk
-    during the forward pass and kept (n x d for hidden, the shape of W and b where they train)."""
+    """Summed cross-entropy of (hidden Wᵀ + b) against targets, its gradients made piece by piece
+    during the forward pass and kept (n x d for hidden, the shape of W and b where they train).
+    Pieces are at most chunk_size rows, fewer where the vocabulary is large (PIECE_BYTES)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, grad_enabled: bool):
@@ -69,18 +75,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if want_weight else None
         grad_bias = torch.zeros_like(bias) if want_bias else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
-            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # (chunk, vocab)
-            norm = torch.logsumexp(logits, dim=-1)
+        piece = max(8, min(chunk_size, PIECE_BYTES // (4 * weight.shape[0])))
+        for start in range(0, hidden.shape[0], piece):
+            h, t = hidden[start: start + piece], targets[start: start + piece]
+            logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # (piece, vocab)
+            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True).expand_as(logits))  # all <= 0, in place
             rows = torch.arange(t.shape[0], device=t.device)
-            total += (norm - logits[rows, t]).sum()
+            target = shifted[rows, t]
+            # exp of a float32 below -87 underflows, and the CPU's vectorised exp takes a slow path for
+            # it (about 10x slower per element; a trained model's logits span hundreds). Clamped there,
+            # a term is 1.6e-38 instead of 0: nothing next to the sum's float32 rounding.
+            exps = shifted.clamp_(min=EXP_FLOOR).exp_()
+            sums = exps.sum(dim=-1)
+            total += (sums.log() - target).sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
-            probabilities = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+            probabilities = exps.div_(sums[:, None])  # softmax, in place
             probabilities[rows, t] -= 1.0  # d loss / d logits
             if want_hidden:
-                torch.mm(probabilities, weight, out=grad_hidden[start: start + chunk_size])
+                torch.mm(probabilities, weight, out=grad_hidden[start: start + piece])
             if want_weight:
                 grad_weight.addmm_(probabilities.t(), h)
             if want_bias:
