@@ -42,7 +42,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
-	$(PY) bench/train_speed.py --steps 6
+	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

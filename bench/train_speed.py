@@ -1,12 +1,16 @@
-"""Training speed and memory, side by side: tunesmith against TRL's SFTTrainer (+ PEFT).
+"""Training speed and memory, side by side: tunesmith against TRL's SFTTrainer (+ PEFT), on three
+workload shapes.
 
-    .venv/bin/python bench/train_speed.py [--steps N] [--rows N] [--runs a,b,...]
+    .venv/bin/python bench/train_speed.py [--shape short|mixed|long|all] [--steps N] [--runs a,b,...]
 
-Everyone does the same work: SmolLM2-135M-Instruct (the embedded model, no hub access), LoRA
-r=16 alpha=32 dropout 0 on every linear layer, max length 512, 8 sequences per optimizer step,
-AdamW at a constant 2e-4 with gradient clipping at 1.0, the prompt masked (completions only),
-bf16 where the hardware multiplies it natively and fp32 elsewhere. The data is one synthetic
-instruction set (question/answer JSONL) with prompt+response lengths spread like real data.
+Shapes (SHAPES): short uniform rows (about 50 tokens with the chat template, 8 per step, max
+length 512), mixed rows (log-normal, median 80 tokens, a long tail to 512; 8 per step) and long
+rows (1,000-2,000 tokens, 2 per step, max length 2,048). Everyone does the same work: SmolLM2-135M-Instruct
+(the embedded model, no hub access), LoRA r=16 alpha=32 dropout 0 on every linear layer, AdamW at
+a constant 2e-4 with gradient clipping at 1.0, the prompt masked (completions only), in the
+precision tunesmith's `precision: auto` picks for this machine (bf16 only where a bf16 matmul
+measures faster), plus a bf16 row of each tool where the hardware has bf16 instructions. The data
+is synthetic question/answer JSONL with the shape's lengths.
 
 tunesmith tokenizes it with its own `prepare`; TRL receives exactly those token ids and
 completion masks as a pre-tokenized dataset, in the order tunesmith's seeded step plan visits
@@ -22,7 +26,10 @@ the timed part but inside the wall time.
 
 Throughput counts real tokens (padding never counts), supervised tokens are those the loss is
 taken on, and MFU is tunesmith's FlopModel (useful FLOPs: no padding, output layer only at
-supervised positions) over a dense-matmul peak this script measures with measure_peak_flops.
+supervised positions) over a dense-matmul peak this script measures with measure_peak_flops (the
+best of several windows). Each shape writes its own section of RESULTS.md; a summary section puts
+tunesmith's default run against TRL's fastest setting for each shape. bench/profile_step.py shows
+where a tunesmith step goes for a shape.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def test_memory_components_by_hand(llama, vocab):
         "gradients": 4 * trainable,
         "optimizer state": 8 * trainable,  # AdamW: two fp32 moments
         "activations": 4 * per_token * tokens,
-        "loss (output layer chunks)": 3 * 4 * tokens * vocab,
+        # fused loss (fp32): one piece of logits (all 64 rows here) and the hidden states' gradient
+        "loss (output layer chunks)": 4 * tokens * vocab + 4 * tokens * 64,
         # glibc keeps freed activations for reuse, less what the gradient buffers take back
         "freed memory the CPU allocator keeps": 0.6 * 4 * per_token * tokens - 4 * trainable,
     }

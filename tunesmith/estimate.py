@@ -38,6 +38,7 @@ import torch
 
 from tunesmith.config import PAIRED_METHODS, RunConfig
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.train.loss import PIECE_BYTES, logit_transform
 
 GiB = 2**30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -55,6 +56,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    logit_transform: bool = False  # soft-capping or a logit scale: the loss cannot take its fused path
 
 
 @dataclass
@@ -131,7 +133,7 @@ def inventory(model) -> Inventory:
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     tied = head.weight is model.get_input_embeddings().weight
     shape = Shape(config.num_hidden_layers, config.hidden_size, kv_heads * head_dim, intermediate, heads,
-                  head_dim, head.weight.shape[0], tied)
+                  head_dim, head.weight.shape[0], tied, logit_transform(config) is not None)
     linears, linear_weights = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -280,7 +282,7 @@ def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torc
     memory = {"weights": weights, "gradients": 4.0 * trainable,
               "optimizer state": optimizer_bytes(config.train.optimizer, config, inv, trainable, device),
               "activations": activation_floats_per_token(config, inv, device) * tokens * activation_bytes,
-              "loss (output layer chunks)": 3.0 * 4 * chunk * inv.shape.vocab}
+              "loss (output layer chunks)": loss_bytes(inv.shape, chunk, tokens, dtype)}
     ranks = fsdp_ranks(config)
     if ranks > 1:  # each rank keeps 1/N of these, plus the layer being gathered and the next one
         layer = 4.0 * sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.in_body) / inv.shape.layers
@@ -293,6 +295,16 @@ def step_memory(config: RunConfig, inv: Inventory, micro_batch: int, dtype: torc
         memory["freed memory the CPU allocator keeps"] = max(
             0.0, HEAP_KEEPS * memory["activations"] - memory["gradients"])
     return memory
+
+
+def loss_bytes(shape: Shape, chunk: int, tokens: int, dtype: torch.dtype) -> float:
+    """The output layer's loss. Fused (fp32, no logit transform): one piece of logits, turned into
+    its gradient in place, and the gradient of the gathered hidden states. Otherwise each chunk's
+    logits, their log-softmax and its gradient, recomputed in backward."""
+    if dtype == torch.float32 and not shape.logit_transform:
+        piece = max(8, min(chunk, PIECE_BYTES // (4 * shape.vocab)))
+        return 4.0 * piece * shape.vocab + 4.0 * tokens * shape.hidden
+    return 3.0 * 4 * chunk * shape.vocab
 
 
 def fsdp_ranks(config: RunConfig) -> int:
