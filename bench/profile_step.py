@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from train_speed import (  # bench/ is on the path
@@ -23,11 +24,14 @@ from train_speed import (  # bench/ is on the path
     SHAPES,
     flop_model,
     prepare_data,
+    step_plan,
     tunesmith_config,
 )
 
+from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.device import pick_dtype
 from tunesmith.model.adapters import prepare_for_training
+from tunesmith.model.fused_lora import use_fused_lora
 from tunesmith.model.load import load_model, resolve
 from tunesmith.train import loss as _loss
 from tunesmith.train.batching import pack
@@ -61,33 +65,24 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def set_fused(fused: dict, on: bool) -> None:
-    """tunesmith's fused LoRA forward on each LoRA layer (on), or PEFT's own (off)."""
-    for module, forward in fused.items():
-        if on:
-            module.forward = forward
-        else:
-            module.__dict__.pop("forward", None)
-
-
-def switch(part: str, fused: dict, on: bool) -> None:
+def switch(part: str, model, on: bool) -> None:
     """One of tunesmith's step optimisations on or off: lora (the fused LoRA layer) or loss (the
     fused output-layer cross-entropy)."""
     from tunesmith.train import loss
 
     if part == "lora":
-        set_fused(fused, on)
+        use_fused_lora(model, on)
     else:
         loss._fused_applies = REAL_FUSED_APPLIES if on else (lambda *args: False)
 
 
-def interleaved(args, fused: dict, one_step, total: int) -> int:
+def interleaved(args, model, one_step, total: int) -> int:
     """The same steps with one optimisation on and off, alternating (A B B A ...), so that the
     machine's drift hits both alike; prints each side's median time."""
     times = {"on": [], "off": []}
     for round_ in range(args.ab):
         for side in (["on", "off"] if round_ % 2 == 0 else ["off", "on"]):
-            switch(args.ab_of, fused, side == "on")
+            switch(args.ab_of, model, side == "on")
             times[side].append(sum(sum(one_step(step)[:2]) for step in range(1, total)))
     for side, values in times.items():
         print(f"{args.ab_of} {side:>3}: median {statistics.median(values):.3f} s per {args.steps} steps "
@@ -114,25 +109,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     total = args.steps + 1
-    work = args.__class__(rows=shape.batch * total, seed=SEED, shape=args.shape, steps=args.steps)
-    from pathlib import Path
+    work = argparse.Namespace(rows=shape.batch * total, seed=SEED, shape=args.shape, steps=args.steps)
 
     work_dir = Path(__file__).resolve().parent / "_work" / f"profile_{args.shape}"
     work_dir.mkdir(parents=True, exist_ok=True)
     data_path, _, facts = prepare_data(work, work_dir, total)
     config = tunesmith_config(data_path, work_dir / "prepared", total, None, shape)
-    from train_speed import step_plan
-
-    from tunesmith.data.dataset import TokenizedSplit
-
     split = TokenizedSplit.load(work_dir / "prepared" / "data" / "train")
     plan = step_plan(split, total, shape)
     dtype = pick_dtype(args.precision, torch.device("cpu"))
     config = config.model_copy(update={"lora": config.lora.model_copy(update={"dropout": args.lora_dropout}),
                                        "train": config.train.model_copy(update={"loss_chunk_size": args.loss_chunk})})
     model = prepare_for_training(load_model(resolve(MODEL)), config, dtype)
-    fused = {m: m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__}
-    set_fused(fused, not args.peft_forward)
+    use_fused_lora(model, not args.peft_forward)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     wrapped = PackedLoss(model)
     optimizer = build_optimizer(wrapped, config.train)
@@ -152,7 +141,7 @@ def main(argv: list[str]) -> int:
 
     one_step(0)
     if args.ab:
-        return interleaved(args, fused, one_step, total)
+        return interleaved(args, model, one_step, total)
     phases = defaultdict(float)
     useful = 0.0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as profiler:

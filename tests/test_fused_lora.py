@@ -9,20 +9,12 @@ import torch
 from test_methods import NO_AUTOCAST, build, fixed_batch
 
 from tunesmith.model import fused_lora
-from tunesmith.model.fused_lora import LoraLinear, cheap_dropout
+from tunesmith.model.fused_lora import LoraLinear, cheap_dropout, use_fused_lora
 from tunesmith.train.loop import train_step
 
 
 def fused_layers(model) -> dict:
     return {m: m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__}
-
-
-def set_fused(layers: dict, on: bool) -> None:
-    for module, forward in layers.items():
-        if on:
-            module.forward = forward
-        else:
-            module.__dict__.pop("forward")
 
 
 def loss_and_grads(model, batch) -> tuple[float, dict]:
@@ -51,9 +43,10 @@ def test_fused_equals_peft_loss_and_gradients(llama):
     randomised_adapters(model)
     model.train()
     batch = fixed_batch(model.config.vocab_size)
-    layers = fused_layers(model)
+    assert fused_layers(model)
     fused_loss, fused_grads = loss_and_grads(model, batch)
-    set_fused(layers, False)
+    use_fused_lora(model, on=False)
+    assert not fused_layers(model)
     peft_loss, peft_grads = loss_and_grads(model, batch)
     assert fused_loss == pytest.approx(peft_loss, abs=1e-5)
     assert fused_grads.keys() == peft_grads.keys()
@@ -132,7 +125,7 @@ def test_with_dropout_the_fused_layer_trains_like_peft(llama, monkeypatch):
     def replayed_dropout(self, x):
         return x * next(replay).view(x.shape).to(x.dtype) / (1 - self.p)
 
-    set_fused(fused_layers(model), False)
+    use_fused_lora(model, on=False)
     monkeypatch.setattr(torch.nn.Dropout, "forward", replayed_dropout)
     peft_loss, peft_grads = loss_and_grads(model, batch)
     assert fused_loss == pytest.approx(peft_loss, abs=1e-4)

@@ -108,13 +108,15 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def use_fused_lora(model) -> int:
-    """Give every PEFT LoRA Linear in model the fused forward; returns how many there are."""
+def use_fused_lora(model, on: bool = True) -> int:
+    """Give every PEFT LoRA Linear in model the fused forward (on), or back PEFT's own (off: for
+    comparisons); returns how many layers there are."""
     from peft.tuners.lora.layer import Linear
 
-    count = 0
-    for module in model.modules():
-        if type(module) is Linear:
-            module.forward = MethodType(_fused_forward, module)
-            count += 1
-    return count
+    layers = [module for module in model.modules() if type(module) is Linear]
+    for layer in layers:
+        if on:
+            layer.forward = MethodType(_fused_forward, layer)
+        else:
+            layer.__dict__.pop("forward", None)  # the class's forward: PEFT's
+    return len(layers)
