@@ -268,3 +268,35 @@ def test_fsdp_full_finetune_matches_one_process_and_resumes(tmp_path, llama, dat
                 "--resume", sharded / "step-000002"))
     for key, value in full_weights(resumed / "final").items():
         torch.testing.assert_close(value, ours[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("to", ["launcher", "terminal"])
+def test_sigint_under_two_ranks_saves_one_checkpoint_and_resumes_exactly(tmp_path, llama, data, to):
+    """Ctrl-C in a terminal reaches the launcher and both ranks (and the launcher passes it on: each
+    rank gets it twice); `kill -INT` reaches the launcher only. Either way the ranks agree on one
+    step, save it once, exit 130, and a resumed run ends with the uninterrupted run's weights."""
+    common = ["--train.devices", 2, "--train.save_interval", 0, "--train.eval_interval", 0, "--lora.dropout", 0.1]
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith", *map(str, flags(llama, data, out, 300, *common))],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for(out / "metrics.jsonl", process, timeout=180)
+    if to == "terminal":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr[-3000:]
+    saved = checkpoint.step_folders(out)
+    assert len(saved) == 1 and checkpoint.verify(saved[0]) is None, saved
+    step = int(saved[0].name[5:])
+    assert 0 < step < 300
+    assert stderr.count(f"SIGINT at step {step}: saved") == 1 and "Traceback" not in stderr, stderr[-3000:]
+    if to == "launcher":
+        return
+    ranks(flags(llama, data, out, 300, *common, "--resume"))
+    whole = tmp_path / "whole"
+    ranks(flags(llama, data, whole, 300, *common))
+    ours, theirs = adapter(out / "final"), adapter(whole / "final")
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key

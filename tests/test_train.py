@@ -63,6 +63,38 @@ def test_accumulation_gives_the_same_gradients_as_one_big_micro_batch(llama):
     assert float(one_loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_ddp_sums_gradients_once_per_step_after_the_accumulated_micro_batches(llama, tmp_path, monkeypatch):
+    """torch's DistributedDataParallel (one gloo rank here): the micro batches before a step's last run
+    under no_sync, so gradients cross the wire once per step, not once per micro batch, and the
+    gradients are the plain model's."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train import distributed
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32, attn_implementation="sdpa")
+    split = uneven_split(model.config.vocab_size)
+    _, plain = gradients_of(model, split, [[0], [1], [2], [3]])
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    calls, all_reduce = [], dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: calls.append(tensor.numel()) or all_reduce(
+        tensor, *a, **k))
+    try:
+        root = distributed.replicate(model)
+        gradients_of(root, split, [[0, 1, 2, 3]])
+        one_micro_batch = list(calls)
+        calls.clear()
+        _, replicated = gradients_of(root, split, [[0], [1], [2], [3]])
+    finally:
+        distributed._replicas.clear()
+        dist.destroy_process_group()
+    assert sum(one_micro_batch) == sum(p.numel() for p in model.parameters())  # every gradient, in buckets
+    assert calls == one_micro_batch  # 4 micro batches: the same reductions as 1, not 4 times as many
+    assert {name.removeprefix("module.model."): grad for name, grad in replicated.items()}.keys() == plain.keys()
+    for name, grad in replicated.items():
+        torch.testing.assert_close(grad, plain[name.removeprefix("module.model.")], rtol=1e-5, atol=1e-6)
+
+
 def test_step_plan_is_seeded_and_covers_each_epoch():
     plan = StepPlan.build(10, batch_size=4, micro_batch_size=2, epochs=2, max_steps=None, seed=5)
     assert plan.total_steps == 5  # ceil(2 epochs x 10 examples / 4)

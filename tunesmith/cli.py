@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tunesmith: config error: {problem}", file=sys.stderr)
         return 2
     except TunesmithError as err:
-        print(f"tunesmith: error: {err}", file=sys.stderr)
+        if str(err):  # empty: said once already (by rank 0 of a multi-process run)
+            print(f"tunesmith: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -163,14 +161,12 @@ def starting_model(config: RunConfig) -> Path:
 
 
 def launch_ranks(config: RunConfig) -> int:
-    """train.devices > 1 outside torchrun: start that many ranks of this same run through torchrun."""
+    """train.devices > 1 outside torchrun: start that many ranks of this same run."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     launch_file = config.run_dir / "launch.yaml"
     launch_file.write_text(dump(config))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={config.train.devices}", "-m", "tunesmith", "finetune", str(launch_file)]
-    say(f"Starting {config.train.devices} ranks: {' '.join(command[1:])}")
-    return subprocess.call(command)
+    say(f"Starting {config.train.devices} ranks of: tunesmith finetune {launch_file}")
+    return distributed.launch(config.train.devices, ["finetune", str(launch_file)])
 
 
 # Keys that must match between a checkpoint and the run resuming it (they shape data and model).

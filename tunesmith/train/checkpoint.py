@@ -117,9 +117,9 @@ def _all_rng_states(group: Group) -> dict[str, torch.Tensor]:
 
 def save(model, tokenizer, config: RunConfig, folder: Path, state: dict, snapshot: Snapshot = Snapshot()) -> Path:
     """Write a checkpoint folder atomically (main rank only; `snapshot` from gather())."""
-    from tunesmith.train.loss import PackedLoss
+    from tunesmith.train.loss import inner
 
-    model = model.model if isinstance(model, PackedLoss) else model
+    model = inner(model)
     ensure_disk_space(folder, checkpoint_bytes(model, snapshot.optimizer))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -6,15 +6,18 @@ the effective batch is the same as on one device. Every rank divides its summed 
 supervised-token count of the whole step across all ranks, and gradients are summed (not
 averaged) across ranks: the update equals the single-process one, whatever the split.
 
-Two strategies. ddp: every rank holds the whole model; after backward one all-reduce sums the
-trainable gradients. fsdp (FSDP2, full fine-tunes): every rank holds 1/world of each weight, its
+Two strategies. ddp (torch's DistributedDataParallel): every rank holds the whole model; the
+trainable gradients are summed bucket by bucket while the step's last micro batch runs backward
+(the micro batches before it accumulate under no_sync). fsdp (FSDP2, full fine-tunes): every rank holds 1/world of each weight, its
 gradient and its optimizer state; a layer's weights are all-gathered just before it runs and freed
 after, and gradients are reduce-scattered (summed) back into the shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +45,6 @@ class Group:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """One all-reduce over all gradients, flattened into a single buffer."""
-        if not self.active:
-            return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-
     def broadcast_parameters(self, parameters: list[torch.nn.Parameter]) -> None:
         """Start every rank from rank 0's trainable weights."""
         if self.active:
@@ -63,6 +54,45 @@ class Group:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+
+_replicas: dict[int, torch.nn.Module] = {}  # model id → its DDP root: one per model (finder and loop share it)
+
+
+def replicate(model) -> torch.nn.Module:
+    """DistributedDataParallel over all ranks, around the model and its loss (PackedLoss), so a call
+    of the root prepares the gradient reduction and every weight of the loss takes part. Gradients
+    are summed, not averaged (each rank's loss is already divided by the whole step's targets).
+    Models with experts may leave some weights out of a rank's step: DDP looks for them."""
+    if id(model) in _replicas:
+        return _replicas[id(model)]
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tunesmith.train.loss import PackedLoss, unwrap
+
+    root = DistributedDataParallel(PackedLoss(model), init_sync=False, broadcast_buffers=False,
+                                   gradient_as_bucket_view=True,
+                                   find_unused_parameters=has_experts(unwrap(model).config))
+    root.register_comm_hook(None, _summed)
+    _replicas[id(model)] = root
+    return root
+
+
+def _summed(state, bucket):
+    """DDP's communication hook: all-reduce a bucket of gradients as a sum."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
+
+
+def has_experts(hf_config) -> bool:
+    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any(isinstance(getattr(hf_config, name, None), int) and getattr(hf_config, name) > 1 for name in names)
+
+
+def accumulating(model, more_to_come: bool):
+    """Around a micro batch's forward and backward: gradients stay on this rank (DDP's no_sync) while
+    more micro batches of the step follow; the last one sums them across ranks."""
+    return model.no_sync() if more_to_come and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def transformer_layers(hf_model) -> list[torch.nn.Module]:
@@ -108,6 +138,50 @@ def gather_objects(group: Group, obj) -> list:
     everyone = [None] * group.world_size
     dist.all_gather_object(everyone, obj)
     return everyone
+
+
+def agreed_signal(group: Group, name: str | None, device) -> str | None:
+    """The stop request every rank acts on: a signal any rank has received by the end of this step
+    (each rank gets its own signal, not always in the same step; ranks that disagreed would part
+    ways inside the checkpoint's collectives and hang). SIGTERM wins over SIGINT."""
+    if not group.active:
+        return name
+    number = torch.tensor(signal.Signals[name].value if name else 0, device=device)
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(number)).name if int(number) else None
+
+
+SHUTDOWN_SECONDS = 300  # after a stop request, the ranks' time to save a checkpoint before they are killed
+
+
+def launch(ranks: int, args: list[str]) -> int:
+    """Start `ranks` processes of `python -m tunesmith ARGS` on this machine, as torchrun --standalone
+    would, with torch's elastic agent inside this process; returns their exit code.
+
+    A SIGINT or SIGTERM here is passed on to every rank once (a Ctrl-C in a terminal reaches the
+    ranks directly too; they take the two as one request), and the ranks agree on the step at which
+    they stop, save one checkpoint and exit 130. The agent's own traceback and log lines are kept
+    out of the way: the ranks say what happened."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "tunesmith", *args)
+    except SignalException:
+        return 130  # what each rank exits with after its checkpoint (the loop's Interrupted)
+    except ChildFailedError as failed:
+        codes = [failure.exitcode for failure in failed.failures.values()]
+        return next((code for code in codes if code > 0), 1)
+    return 0
 
 
 def under_torchrun() -> bool:

@@ -5,7 +5,7 @@ micro batches. What a step minimises is the objective's business (train/objectiv
 supervised loss of every micro batch is its summed cross-entropy divided by the supervised-token
 count of the whole step, so gradients do not depend on how the step is split into micro batches.
 
-    run → _start (set up, restore) → per step: _optimizer_step → _log_window → _validate
+    run → _start (set up, restore) → _steps, per step: _optimizer_step → _log_window → _validate
         → _checkpoint_or_stop → _finish (final/ checkpoint, totals)
 """
 
@@ -110,15 +110,21 @@ class Diverged(TunesmithError):
     """Too many non-finite steps in a row; the last good checkpoint is untouched."""
 
 
+REPEAT_WINDOW = 3.0  # seconds: under torchrun a Ctrl-C reaches a rank twice (from the terminal, and
+# forwarded by the launcher); a repeat this soon after the first is the same request, not "stop at once"
+
+
 @contextmanager
-def stop_requests():
-    """SIGINT / SIGTERM set a flag read at the end of each step; a second Ctrl-C stops at once."""
-    request: dict = {"signal": None}
+def stop_requests(repeat_window: float = 0.0):
+    """SIGINT / SIGTERM set a flag read at the end of each step; a second one, later than
+    repeat_window seconds after the first, stops at once."""
+    request: dict = {"signal": None, "at": 0.0}
 
     def handler(signum, frame):
-        if request["signal"] is not None:
+        if request["signal"] is None:
+            request["signal"], request["at"] = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - request["at"] > repeat_window:
             raise KeyboardInterrupt
-        request["signal"] = signal.Signals(signum).name
 
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -165,41 +171,49 @@ class Run:
 
 def run(model, tokenizer, config: RunConfig, objective, device: torch.device, dtype: torch.dtype,
         resume_from: Path | None = None, group: Group = Group()) -> TrainResult:
-    train_cfg = config.train
-    session = _start(model, tokenizer, config, objective, device, resume_from, group)
-    plan, state = session.plan, session.state
-    flop_model, peak = FlopModel.of(session.model), cached_peak_flops(device, dtype)
-    say(f"Training {plan.total_steps} steps of {train_cfg.batch_size} {_unit_name(config)} "
-        f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}"
-        f"{_ranks(session)}, {dtype}")
-    session.model.train()
+    # from the start: a signal while the run sets up is acted on after its first step
+    with stop_requests(REPEAT_WINDOW if group.active else 0.0) as stop:
+        train_cfg = config.train
+        session = _start(model, tokenizer, config, objective, device, resume_from, group)
+        say(f"Training {session.plan.total_steps} steps of {train_cfg.batch_size} {_unit_name(config)} "
+            f"({config.accumulation_steps} micro batches of {train_cfg.micro_batch_size}) on {device}"
+            f"{_ranks(session)}, {dtype}")
+        session.model.train()
+        session.bar = tqdm(total=session.plan.total_steps, initial=session.state.step, desc="finetune", unit="step",
+                           dynamic_ncols=True, mininterval=0.5, disable=not group.is_main)
+        totals, stats, stopped_early = _steps(session, stop, device, cached_peak_flops(device, dtype))
+    return _finish(session, totals, stats, stopped_early)
+
+
+def _steps(session: Run, stop: dict, device, peak: float) -> tuple[dict, dict | None, bool]:
+    """The optimizer steps, each followed by its log line, validation and checkpoint when due.
+    Returns the whole run's figures, the last log window's, and whether it stopped early."""
+    plan, state, train_cfg, group = session.plan, session.state, session.config.train, session.group
+    flop_model = FlopModel.of(session.model)
     stopped_early, stats = False, None
     window, overall = Window(), Window()
-    session.bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
-                       mininterval=0.5, disable=not group.is_main)
-    with stop_requests() as stop:
-        for step in range(state.step, plan.total_steps):
-            lr = lr_at(step, plan.total_steps, train_cfg)
-            batches, step_loss, extra, grad_norm = _optimizer_step(session, step, lr)
-            done, last = state.step, state.step == plan.total_steps
-            if state.bad_steps_in_row == 0:
-                window.add(batches, step_loss, flop_model, extra)
-                overall.add(batches, step_loss.detach(), flop_model, extra)
-            if (done % train_cfg.log_interval == 0 or last) and window.steps:
-                stats = window.summary(peak)
-                _log_window(session, stats, lr, grad_norm)
-                window = Window()
-            if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
-                eval_started = time.perf_counter()
-                stopped_early = _validate(session, last)
-                paused = time.perf_counter() - eval_started  # throughput counts training time only
-                window.started += paused
-                overall.started += paused
-            _checkpoint_or_stop(session, stop["signal"], last)
-            session.bar.update(1)
-            if stopped_early:
-                break
-    return _finish(session, overall.summary(peak), stats, stopped_early)
+    for step in range(state.step, plan.total_steps):
+        lr = lr_at(step, plan.total_steps, train_cfg)
+        batches, step_loss, extra, grad_norm = _optimizer_step(session, step, lr)
+        done, last = state.step, state.step == plan.total_steps
+        if state.bad_steps_in_row == 0:
+            window.add(batches, step_loss, flop_model, extra)
+            overall.add(batches, step_loss.detach(), flop_model, extra)
+        if (done % train_cfg.log_interval == 0 or last) and window.steps:
+            stats = window.summary(peak)
+            _log_window(session, stats, lr, grad_norm)
+            window = Window()
+        if (train_cfg.eval_interval and done % train_cfg.eval_interval == 0) or last:
+            eval_started = time.perf_counter()
+            stopped_early = _validate(session, last)
+            paused = time.perf_counter() - eval_started  # throughput counts training time only
+            window.started += paused
+            overall.started += paused
+        _checkpoint_or_stop(session, distributed.agreed_signal(group, stop["signal"], device), last)
+        session.bar.update(1)
+        if stopped_early:
+            break
+    return overall.summary(peak), stats, stopped_early
 
 
 def _start(model, tokenizer, config: RunConfig, objective, device, resume_from: Path | None, group: Group) -> Run:
@@ -221,8 +235,9 @@ def _start(model, tokenizer, config: RunConfig, objective, device, resume_from: 
         state = LoopState.from_dict(checkpoint.restore(resume_from, model, optimizer, group))
         say(f"Resuming from {resume_from} at step {state.step} of {plan.total_steps}")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if not sharded:  # FSDP ranks each load the same weights, then keep only their shards
+    if not sharded and group.active:  # FSDP ranks each load the same weights, then keep only their shards
         group.broadcast_parameters(trainable)
+        model = distributed.replicate(model)  # from here on the DDP root: model and loss in one call
     kept = state.step if resume_from else None
     metrics = MetricsLog(config.run_dir / "metrics.jsonl", keep_through_step=kept) if group.is_main else None
     scalars = _scalar_log(config, kept) if group.is_main else None
@@ -231,8 +246,8 @@ def _start(model, tokenizer, config: RunConfig, objective, device, resume_from: 
 
 
 def _optimizer_step(session: Run, step: int, lr: float):
-    """One optimizer step: this rank's micro batches forward and backward, gradients summed across
-    ranks and clipped, the update applied unless the loss or gradient is not finite."""
+    """One optimizer step: this rank's micro batches forward and backward (gradients summed across
+    ranks on the way), clipped, the update applied unless the loss or gradient is not finite."""
     train_cfg, state, group, optimizer = session.config.train, session.state, session.group, session.optimizer
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
@@ -240,9 +255,7 @@ def _optimizer_step(session: Run, step: int, lr: float):
     batches = [session.objective.batch("train", mine[i: i + train_cfg.micro_batch_size])
                for i in range(0, len(mine), train_cfg.micro_batch_size)]
     step_loss, extra = session.objective.step(session.model, batches)
-    trainable = session.trainable
-    if not session.sharded:  # FSDP has already summed each gradient into its owner's shard
-        group.sum_gradients(trainable)
+    trainable = session.trainable  # gradients already summed across ranks (DDP, FSDP) during backward
     grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf))
     if bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)):  # one scalar sync per step
         optimizer.step()
@@ -302,8 +315,9 @@ def _checkpoint_or_stop(session: Run, stop_signal: str | None, last: bool) -> No
     if stop_signal and not last:
         folder = run_dir / f"step-{done:06d}"
         session.save(folder, "step")
-        raise Interrupted(f"{stop_signal} at step {done}: saved {folder}. Resume with: "
-                          f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
+        message = (f"{stop_signal} at step {done}: saved {folder}. Resume with: "
+                   f"tunesmith finetune {run_dir / 'config.yaml'} --resume")
+        raise Interrupted(message if session.group.is_main else "")
     if train_cfg.save_interval and done % train_cfg.save_interval == 0 and not last:
         session.save(run_dir / f"step-{done:06d}", "step")
         if session.group.is_main:

@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 
+def inner(model):
+    """The model inside the training wrappers (DistributedDataParallel, PackedLoss); PEFT's is kept."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model.model if isinstance(model, PackedLoss) else model
+
+
 def unwrap(model):
-    """The transformers model inside a PackedLoss and/or PEFT wrapper (LoRA layers are injected in place)."""
-    if isinstance(model, PackedLoss):
-        model = model.model
+    """The transformers model inside the training wrappers and PEFT's (LoRA layers are injected in place)."""
+    model = inner(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_root(model) -> bool:
+    """A module whose forward runs the model and its loss together (train through its call)."""
+    return isinstance(model, (PackedLoss, DistributedDataParallel))
 
 
 def _identity(logits: torch.Tensor) -> torch.Tensor:
@@ -148,22 +160,26 @@ class PackedLoss(torch.nn.Module):
     """The model and its loss as one module, so one forward call covers every weight used.
 
     loss_sum calls the decoder and then the output layer's weight directly; FSDP2 gathers a
-    module's sharded weights only around its forward and backward. With this module as FSDP's
-    root, the embeddings, final norm and output layer are gathered for the whole loss."""
+    module's sharded weights only around its forward and backward, and DDP prepares its gradient
+    reduction in its forward. With this module as the root, the embeddings, final norm and output
+    layer take part in both for the whole loss."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, chunk_size: int = 1024) -> torch.Tensor:
-        return _loss_sum(self.model, batch, chunk_size)
+    def forward(self, batch, chunk_size: int = 1024, per_token: bool = False) -> torch.Tensor:
+        return _token_logps(self.model, batch, chunk_size) if per_token else _loss_sum(self.model, batch, chunk_size)
 
 
 def loss_sum(model, batch, chunk_size: int = 1024) -> torch.Tensor:
     """Summed loss of a packed micro batch (divide by the window's target count outside)."""
-    if isinstance(model, PackedLoss):
-        return model(batch, chunk_size)
-    return _loss_sum(model, batch, chunk_size)
+    return model(batch, chunk_size) if is_root(model) else _loss_sum(model, batch, chunk_size)
+
+
+def token_logps(model, batch, chunk_size: int = 1024) -> torch.Tensor:
+    """log p of every supervised token of a packed batch: (n_targets,)."""
+    return model(batch, chunk_size, per_token=True) if is_root(model) else _token_logps(model, batch, chunk_size)
 
 
 def _loss_sum(model, batch, chunk_size: int) -> torch.Tensor:
@@ -172,16 +188,15 @@ def _loss_sum(model, batch, chunk_size: int) -> torch.Tensor:
                                  batch.targets, logit_transform(hf_model.config), chunk_size)
 
 
+def _token_logps(model, batch, chunk_size: int) -> torch.Tensor:
+    hf_model = unwrap(model)
+    return chunked_token_logps(supervised_hidden(hf_model, batch), hf_model.get_output_embeddings(),
+                               batch.targets, logit_transform(hf_model.config), chunk_size)
+
+
 def supervised_hidden(hf_model, batch) -> torch.Tensor:
     """Final hidden states at the positions that predict a supervised token: (n_targets, d)."""
     out = hf_model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                               tunesmith_segments=batch.segments)
     hidden = out.last_hidden_state[0]  # (T, d)
     return hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions
-
-
-def token_logps(model, batch, chunk_size: int = 1024) -> torch.Tensor:
-    """log p of every supervised token of a packed batch: (n_targets,)."""
-    hf_model = unwrap(model)
-    return chunked_token_logps(supervised_hidden(hf_model, batch), hf_model.get_output_embeddings(),
-                               batch.targets, logit_transform(hf_model.config), chunk_size)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.train import distributed
 from tunesmith.train.batching import StepPlan
 from tunesmith.train.distributed import Group
 from tunesmith.train.optim import build_optimizer
@@ -62,11 +63,12 @@ def find(model, objective, train_cfg, steps: int = STEPS, low: float = LOW, high
     rates, losses, smoothed = [], [], []
     average, best, stopped = 0.0, math.inf, False
     model.train()
+    trainee = distributed.replicate(model) if group.active else model  # the training loop's DDP root
     try:
         for step in range(steps):
             rate = low * (high / low) ** (step / max(steps - 1, 1))
-            loss = _step(model, trainable, objective, optimizer, group.share(plan.step_indices(step)), rate,
-                         train_cfg, group)
+            loss = _step(trainee, trainable, objective, optimizer, group.share(plan.step_indices(step)), rate,
+                         train_cfg)
             average = SMOOTHING * average + (1 - SMOOTHING) * loss
             value = average / (1 - SMOOTHING ** (step + 1))
             rates.append(rate)
@@ -84,14 +86,12 @@ def find(model, objective, train_cfg, steps: int = STEPS, low: float = LOW, high
     return _pick(rates, losses, smoothed, time.perf_counter() - started, stopped)
 
 
-def _step(model, trainable, objective, optimizer, indices: list[int], rate: float, train_cfg, group: Group
-          ) -> float:
+def _step(model, trainable, objective, optimizer, indices: list[int], rate: float, train_cfg) -> float:
     for param_group in optimizer.param_groups:
         param_group["lr"] = rate
     batches = [objective.batch("train", indices[i: i + train_cfg.micro_batch_size])
                for i in range(0, len(indices), train_cfg.micro_batch_size)]
     loss, _ = objective.step(model, batches)
-    group.sum_gradients(trainable)
     torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

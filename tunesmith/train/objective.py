@@ -17,7 +17,7 @@ import torch
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, pack
-from tunesmith.train.distributed import Group
+from tunesmith.train.distributed import Group, accumulating
 from tunesmith.train.loss import loss_sum, unwrap
 
 
@@ -28,8 +28,9 @@ def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int,
     if n_targets is None:
         n_targets = sum(batch.n_targets for batch in batches)
     step_loss = torch.zeros((), device=batches[0].input_ids.device)
-    for batch in batches:
-        with packed_attention(unwrap(model)):  # backward too: checkpointed layers recompute inside it
+    for i, batch in enumerate(batches):
+        # backward too inside packed_attention: checkpointed layers recompute inside it
+        with accumulating(model, i < len(batches) - 1), packed_attention(unwrap(model)):
             with autocast:
                 summed = loss_sum(model, batch, chunk_size)
             (summed / n_targets).backward()

@@ -33,8 +33,8 @@ from tunesmith.config import PAIRED_METHODS
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, pack_sequences
-from tunesmith.train.distributed import Group
-from tunesmith.train.loss import token_logps, unwrap
+from tunesmith.train.distributed import Group, accumulating
+from tunesmith.train.loss import inner, token_logps, unwrap
 
 WITH_REFERENCE = ("dpo", "kto")
 FIGURES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")
@@ -178,7 +178,7 @@ def sequence_logps(model, batch: PackedBatch, chunk_size: int) -> tuple[torch.Te
 @contextmanager
 def adapter_off(model):
     """The reference model of an adapter run: the same weights with the adapter switched off."""
-    with model.disable_adapter():  # PEFT's switch; the wrapped modules skip their adapter inside it
+    with inner(model).disable_adapter():  # PEFT's switch; the wrapped modules skip their adapter inside it
         yield
 
 
@@ -214,9 +214,9 @@ class Preference:
         kl = self._kl(model, batches) if self.settings.method == "kto" else None
         loss_total = torch.zeros((), device=self.device)
         sums = Figures(self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             reference = self._reference(model, batch.packed, batch.reference)
-            with packed_attention(unwrap(model)):
+            with accumulating(model, i < len(batches) - 1), packed_attention(unwrap(model)):
                 with self.autocast:
                     logps, counts = sequence_logps(model, batch.packed, self.train_cfg.loss_chunk_size)
                 losses = self._losses(logps, counts, reference, batch.desirable, kl, sums)
