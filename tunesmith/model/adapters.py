@@ -11,6 +11,7 @@ import torch
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
+from tunesmith.log import say
 from tunesmith.model.fused_lora import use_fused_lora
 
 
@@ -62,9 +63,19 @@ def peft_config(config: RunConfig, model):
                                     adapter_layers=min(config.adapter.layers or layers, layers))
     lora = config.lora
     refuse_output_layer(lora.target_modules, model)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    dropout = lora.dropout
+    if dropout and fused_experts(model):
+        say(f"Note: lora.dropout {dropout:g} is off for this model: PEFT puts LoRA on its experts' fused weights, "
+            "which take no dropout")
+        dropout = 0.0
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
                       use_dora=config.weights == "dora")
+
+
+def fused_experts(model) -> bool:
+    """A mixture-of-experts model whose experts are stored as one 3-D weight each (transformers 5)."""
+    return any(parameter.dim() == 3 and ".experts." in name for name, parameter in model.named_parameters())
 
 
 def refuse_output_layer(target_modules: str | list[str], model) -> None:
