@@ -243,6 +243,20 @@ def test_ddp_resume_restores_each_ranks_random_state(tmp_path, llama, data):
         assert torch.equal(ours[key], theirs[key]), key
 
 
+def test_dpo_on_two_ranks_matches_one_process(tmp_path, llama):
+    """Preference steps go through the DDP root too (the policy's log-probs; the reference with the
+    adapter switched off): 2 ranks end where one process does."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"What is {i} plus one?", "chosen": f"{i + 1}",
+                                                   "rejected": f"I think it is {i + 2}, maybe"} for i in range(40)])
+    common = ["--method", "dpo", "--train.eval_interval", 0, "--train.save_interval", 0, "--lora.dropout", 0]
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert main(flags(llama, pairs, single, 4, *common, "--train.micro_batch_size", 4)) == 0
+    ranks(flags(llama, pairs, double, 4, *common, "--train.devices", 2))
+    ours, theirs = adapter(double / "final"), adapter(single / "final")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
+
+
 def test_moe_lora_on_two_ranks_matches_one_process(tmp_path, tiny_models, data):
     """A mixture of experts (2 of 4 experts per token): LoRA on its fused expert weights turns dropout off
     with a note (PEFT refuses dropout there), and 2 DDP ranks end where one process does."""
