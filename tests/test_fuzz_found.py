@@ -183,6 +183,16 @@ def test_a_device_that_is_not_there_is_a_user_error(cli, llama, tmp_path, device
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unknown_benchmark_task_is_refused_before_the_data_is_prepared(cli, llama, tmp_path):
+    """evaluate --eval.tasks '"' prepared the test split into the run folder, then refused the task."""
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))
+    result = cli("evaluate", "--model", llama, "--data.path", data, "--out_dir", tmp_path / "run",
+                 "--eval.tasks", '"')
+    assert result.code == 2
+    assert one_error_line(result).startswith("tunesmith: config error: eval.tasks")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("verb", ["finetune", "prepare"])
 def test_a_device_that_is_not_there_stops_finetune_before_anything_is_written(cli, llama, tmp_path, verb):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(12))

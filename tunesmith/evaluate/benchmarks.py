@@ -20,6 +20,7 @@ task of your own is a YAML file in eval.tasks_dir whose data are local files, e.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 from pathlib import Path
@@ -39,7 +40,14 @@ def _require_lm_eval():
         raise ConfigError("eval.tasks needs lm-evaluation-harness: pip install 'tunesmith[benchmarks]'") from None
 
 
-def task_manager(tasks: list[str], tasks_dir: str | None):
+def check_tasks(config: RunConfig) -> None:
+    """Refuse unknown eval.tasks before anything is prepared or loaded (the index is kept for the run)."""
+    _require_lm_eval()
+    task_manager(tuple(config.eval.tasks), config.eval.tasks_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(tasks: tuple[str, ...], tasks_dir: str | None):
     """Tasks from eval.tasks_dir first; lm-eval's ~15,000 built-in tasks are indexed (tens of
     seconds) only when a requested task is not found there."""
     from lm_eval.tasks import TaskManager
@@ -68,7 +76,7 @@ def run_tasks(loaded: Loaded, config: RunConfig) -> dict[str, dict[str, float]]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(config.eval.tasks, config.eval.tasks_dir)
+    manager = task_manager(tuple(config.eval.tasks), config.eval.tasks_dir)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=config.eval.batch_size,
                  device=str(loaded.device))

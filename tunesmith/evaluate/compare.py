@@ -147,6 +147,10 @@ def run_evaluation(config: RunConfig, tuned: bool = True, known: dict | None = N
     """Each model is loaded once and put through everything asked for; then the files are written."""
     known = known or {}
     wants = {"tasks": extras and bool(config.eval.tasks), "bias": extras and config.eval.bias}
+    if wants["tasks"]:  # a task name's typo is refused before the data is prepared
+        from tunesmith.evaluate import benchmarks
+
+        benchmarks.check_tasks(config)
     rows, split, max_new = held_out_rows(config, extras_only=any(wants.values()))
     outcome = Evaluation(rows=rows)
     for label, loader in model_loaders(config, tuned).items():
