@@ -13,6 +13,7 @@ from helpers import fast_train_flags, qa_rows, write_jsonl
 
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import TokenizedSplit
+from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import StepPlan, pack
 from tunesmith.train.loop import train_step
 from tunesmith.train.optim import build_optimizer, lr_at
@@ -61,6 +62,49 @@ def test_accumulation_gives_the_same_gradients_as_one_big_micro_batch(llama):
     singles = [float(gradients_of(model, split, [[i]])[0]) for i in range(4)]
     expected = sum(loss * n for loss, n in zip(singles, targets)) / sum(targets)
     assert float(one_loss) == pytest.approx(expected, rel=1e-5)
+
+
+def templated_split(vocab_size: int, system_length: int = 12) -> TokenizedSplit:
+    """Four examples that begin with the same system block, then prompts and answers of their own."""
+    generator = torch.Generator().manual_seed(5)
+    system = torch.randint(3, vocab_size, (system_length,), generator=generator).tolist()
+    ids, supervised = [], []
+    for prompt_length, answer_length in ((3, 2), (9, 6), (5, 1), (7, 4)):
+        rest = torch.randint(3, vocab_size, (prompt_length + answer_length,), generator=generator).tolist()
+        ids.append(system + rest)
+        supervised.append([False] * (system_length + prompt_length) + [True] * answer_length)
+    return TokenizedSplit.from_lists(ids, supervised)
+
+
+def test_a_shared_beginning_is_computed_once_with_the_same_loss_and_gradients(llama):
+    """A micro batch whose examples share a system block holds it once; every example attends to it
+    as to its own first tokens: loss, gradients and per-token log-probs equal the plain packing's."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.loss import token_logps
+    from tunesmith.train.preference import sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    split = templated_split(model.config.vocab_size)
+    shared, plain = pack(split, [0, 1, 2, 3], share_prefix=True), pack(split, [0, 1, 2, 3])
+    assert shared.prefix >= 12 and shared.n_tokens == plain.n_tokens
+    assert shared.n_computed == plain.n_tokens - 3 * shared.prefix and len(shared.segments) == 5
+    losses, grads = [], []
+    for batch in (shared, plain):
+        model.zero_grad(set_to_none=True)
+        losses.append(train_step(model, [batch], NO_AUTOCAST, 8))
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad(), packed_attention(model):
+        torch.testing.assert_close(token_logps(model, shared), token_logps(model, plain), rtol=1e-5, atol=1e-5)
+        for ours, theirs in zip(sequence_logps(model, shared, 8), sequence_logps(model, plain, 8)):  # DPO's sums
+            assert ours.shape == (4,)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert pack(split, [0, 1, 2, 3], share_prefix=True).prefix == shared.prefix
+    assert pack(templated_split(model.config.vocab_size, 5), [0, 1], share_prefix=True).prefix == 0  # too short
 
 
 def test_ddp_sums_gradients_once_per_step_after_the_accumulated_micro_batches(llama, tmp_path, monkeypatch):

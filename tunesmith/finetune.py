@@ -22,6 +22,8 @@ from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, load_for_training, prepare_for_training
 from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train import checkpoint, distributed, loop
+from tunesmith.train.attention import shares_prefixes
+from tunesmith.train.loss import unwrap
 
 
 @dataclasses.dataclass
@@ -123,13 +125,14 @@ def make_objective(model, config: RunConfig, prepared, device, dtype, group):
     """What the steps minimise: supervised cross-entropy, or a preference loss (whose full fine-tunes get
     their reference log-probs now, from the weights as loaded, before any step or resume)."""
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    share = shares_prefixes(unwrap(model))  # a micro batch's common beginning (system block) computed once
     if config.objective == "sft":
         from tunesmith.train.objective import Supervised
 
-        return Supervised(prepared.splits, config.train, device, autocast, group)
+        return Supervised(prepared.splits, config.train, device, autocast, group, share)
     from tunesmith.train import preference
 
-    objective = preference.objective_for(config, prepared.splits, device, autocast, group)
+    objective = preference.objective_for(config, prepared.splits, device, autocast, group, share)
     if objective.settings.uses_reference and config.weights == "full":
         objective.references = preference.load_or_compute_references(
             model, objective, prepared.folder, {"data": prepared.manifest["key"], "model": config.model})

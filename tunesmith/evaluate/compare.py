@@ -35,7 +35,7 @@ from tunesmith.evaluate.metrics import (
 from tunesmith.infer.generate import Loaded, generate_with_limits, load_base, load_run
 from tunesmith.log import say
 from tunesmith.model.load import load_tokenizer, resolve
-from tunesmith.train.attention import packed_attention
+from tunesmith.train.attention import packed_attention, shares_prefixes
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import loss_sum
 
@@ -45,7 +45,8 @@ def test_loss(loaded: Loaded, split: TokenizedSplit, limit: int, micro_batch_siz
     total, targets = 0.0, 0
     count = min(len(split), limit)
     for start in range(0, count, micro_batch_size):
-        batch = pack(split, list(range(start, min(start + micro_batch_size, count)))).to(loaded.device)
+        batch = pack(split, list(range(start, min(start + micro_batch_size, count))),
+                     shares_prefixes(loaded.model)).to(loaded.device)
         with packed_attention(loaded.model):
             total += float(loss_sum(loaded.model, batch))
         targets += batch.n_targets

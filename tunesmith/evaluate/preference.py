@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention
+from tunesmith.train.attention import packed_attention, shares_prefixes
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import unwrap
 from tunesmith.train.preference import sequence_logps
@@ -26,7 +26,8 @@ def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: i
     """Summed answer log-probs and answer lengths of every sequence of the split: (n,), (n,)."""
     sums, counts = [], []
     for start in range(0, len(split), micro_batch_size):
-        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split))))).to(device)
+        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split)))),
+                     shares_prefixes(unwrap(model))).to(device)
         with packed_attention(unwrap(model)):
             total, count = sequence_logps(model, batch, 1024)
         sums.append(total.float().cpu())

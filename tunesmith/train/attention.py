@@ -3,6 +3,9 @@ block-diagonal mask. The packed row is cut at example boundaries and SDPA runs c
 piece — the CPU counterpart of flash-attention's varlen kernel. Costs O(sum of len^2), not O(T^2).
 A layer's sliding window, which transformers passes to the attention function, is honoured.
 
+A row may begin with a prefix every example shares (train/batching.py): each example's queries then
+see the prefix's keys and values before their own, as if it were their own first tokens.
+
 Registered with transformers' AttentionInterface under VARLEN; `packed_attention(model)` switches
 a model to it only for training forwards (generation keeps SDPA with its padding mask).
 """
@@ -22,14 +25,30 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                      **kwargs):
     # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim)
     segments = kwargs.get("tunesmith_segments")
+    prefix = kwargs.get("tunesmith_prefix") or 0  # segments[0] is a beginning every segment shares
+    if prefix and sliding_window:
+        raise ValueError("a shared prefix cannot be combined with a sliding window")  # pack() never does
     lengths = [end - start for start, end in segments] if segments else [query.shape[2]]
     groups = query.shape[1] // key.shape[1]
-    pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    outputs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                              enable_gqa=groups > 1, **_causal(q.shape[2], sliding_window, q.device))
-               for q, k, v in pieces]  # split, not slicing: its backward is one concatenation
+    pieces = list(zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)))
+    dropout_p = dropout if module.training else 0.0
+    outputs = []
+    for index, (q, k, v) in enumerate(pieces):  # split, not slicing: its backward is one concatenation
+        if prefix and index > 0:  # the shared beginning's keys and values come first, as if they were its own
+            shared_k, shared_v = pieces[0][1], pieces[0][2]
+            k, v = torch.cat([shared_k, k], dim=2), torch.cat([shared_v, v], dim=2)
+            causal = {"attn_mask": _after_prefix(q.shape[2], prefix, q.device)}
+        else:
+            causal = _causal(q.shape[2], sliding_window, q.device)
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scaling,
+                                                      enable_gqa=groups > 1, **causal))
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _after_prefix(length: int, prefix: int, device) -> torch.Tensor:
+    """(length, prefix + length): query i sees the whole prefix and its own tokens up to i."""
+    return torch.ones(length, prefix + length, dtype=torch.bool, device=device).tril(diagonal=prefix)
 
 
 def _causal(length: int, sliding_window: int | None, device) -> dict:
@@ -62,6 +81,15 @@ def use_varlen(hf_model) -> bool:
     soft-capping) also take transformers' path."""
     device = next(hf_model.parameters()).device
     return device.type == "cpu" and getattr(hf_model.config, "attn_logit_softcapping", None) is None
+
+
+def shares_prefixes(hf_model) -> bool:
+    """Whether packed rows for this model may hold a shared prefix: the per-example loop runs (CPU)
+    and no layer has a sliding window (a window would have to count the prefix's tokens too)."""
+    config = hf_model.config
+    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None)
+                                                                                   or ())
+    return use_varlen(hf_model) and not sliding
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 A micro batch is packed into a single row with no padding: examples are concatenated, position
 ids restart at 0 for each, and attention stays inside each example (train/attention.py). Only
-positions that predict a supervised token are gathered for the loss.
+positions that predict a supervised token are gathered for the loss. Where every example of the
+micro batch begins alike (a chat template's system block: 40% of the tokens of short rows), that
+beginning is computed once and each example attends to it: the same numbers, less work.
 """
 
 from __future__ import annotations
@@ -15,46 +17,85 @@ import torch
 from tunesmith.data.dataset import TokenizedSplit
 
 
+# A micro batch whose examples all begin with the same tokens (a chat template's system block)
+# computes them once when there are at least this many: its first segment is that beginning,
+# and every other segment attends to it as if it were its own first tokens
+MIN_SHARED_PREFIX = 8
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # (1, T) all examples of the micro batch, end to end
-    position_ids: torch.Tensor  # (1, T) restarting at 0 for each example
+    position_ids: torch.Tensor  # (1, T) restarting at 0 for each example (at `prefix` after a shared one)
     segments: list[tuple[int, int]]  # [start, end) of each example within the row
     predict_at: torch.Tensor  # (n_targets,) positions whose next token is supervised
     targets: torch.Tensor  # (n_targets,) the supervised next tokens
+    prefix: int = 0  # > 0: segments[0] is the examples' shared beginning, this long, held once
 
     @property
     def n_tokens(self) -> int:
+        """Tokens of the examples (a shared beginning counted in each): the data's size."""
+        return self.input_ids.shape[1] + self.prefix * max(len(self.segments) - 2, 0)
+
+    @property
+    def n_computed(self) -> int:
+        """Tokens that go through the model."""
         return self.input_ids.shape[1]
 
     @property
     def n_targets(self) -> int:
         return self.targets.shape[0]
 
+    @property
+    def example_segments(self) -> list[tuple[int, int]]:
+        """One [start, end) per example (without the shared beginning)."""
+        return self.segments[1:] if self.prefix else self.segments
+
     def to(self, device: torch.device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segments,
-                           self.predict_at.to(device), self.targets.to(device))
+                           self.predict_at.to(device), self.targets.to(device), self.prefix)
 
 
-def pack(split: TokenizedSplit, indices: list[int]) -> PackedBatch:
-    return pack_sequences([split.example(index) for index in indices])
+def pack(split: TokenizedSplit, indices: list[int], share_prefix: bool = False) -> PackedBatch:
+    return pack_sequences([split.example(index) for index in indices], share_prefix)
 
 
-def pack_sequences(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedBatch:
-    """(ids, supervised) pairs end to end in one row."""
+def shared_prefix_length(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """How many first tokens all sequences have in common, up to the token before each one's
+    first supervised token (that one's hidden state predicts a target); 0 below MIN_SHARED_PREFIX."""
+    if len(sequences) < 2:
+        return 0
+    first_supervised = [int(sup.nonzero()[0]) if bool(sup.any()) else len(ids) for ids, sup in sequences]
+    limit = min(first_supervised) - 1
+    if limit < MIN_SHARED_PREFIX:
+        return 0
+    stacked = torch.stack([ids[:limit] for ids, _ in sequences])  # (n, limit)
+    differs = (stacked != stacked[0]).any(0).nonzero()
+    length = int(differs[0]) if len(differs) else limit
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def pack_sequences(sequences: list[tuple[torch.Tensor, torch.Tensor]], share_prefix: bool = False) -> PackedBatch:
+    """(ids, supervised) pairs end to end in one row; with share_prefix their common beginning once."""
+    prefix = shared_prefix_length(sequences) if share_prefix else 0
     ids, positions, segments, predict_at, targets = [], [], [], [], []
     cursor = 0
+    if prefix:
+        ids.append(sequences[0][0][:prefix])
+        positions.append(torch.arange(prefix))
+        segments.append((0, prefix))
+        cursor = prefix
     for example_ids, supervised in sequences:
-        length = example_ids.shape[0]
-        ids.append(example_ids)
-        positions.append(torch.arange(length))
+        length = example_ids.shape[0] - prefix
+        ids.append(example_ids[prefix:])
+        positions.append(torch.arange(prefix, prefix + length))
         segments.append((cursor, cursor + length))
         where = supervised[1:].nonzero().squeeze(1)  # (k,) targets at where + 1
-        predict_at.append(where + cursor)
+        predict_at.append(where - prefix + cursor)
         targets.append(example_ids[1:][where])
         cursor += length
     return PackedBatch(torch.cat(ids)[None], torch.cat(positions)[None], segments,
-                       torch.cat(predict_at), torch.cat(targets))
+                       torch.cat(predict_at), torch.cat(targets), prefix)
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,10 @@ class Window:
     def add(self, batches: list, step_loss: torch.Tensor, flop_model: FlopModel, extra: dict | None = None) -> None:
         self.steps += 1
         for batch in batches:
-            self.tokens += batch.n_tokens
+            self.tokens += batch.n_tokens  # the examples' tokens, a shared beginning counted in each
             self.targets += batch.n_targets
-            self.flops += flop_model.step_flops(batch.n_tokens, batch.n_targets,
-                                                [end - start for start, end in batch.segments])
+            self.flops += flop_model.step_flops(batch.n_computed, batch.n_targets,  # the work done
+                                                [end - start for start, end in batch.segments], batch.prefix)
         self.loss_sum = self.loss_sum + step_loss
         for key, value in (extra or {}).items():
             self.extra_sums[key] = self.extra_sums.get(key, 0.0) + value

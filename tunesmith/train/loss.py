@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from tunesmith.train.attention import VARLEN
+
 
 def inner(model):
     """The model inside the training wrappers (DistributedDataParallel, PackedLoss); PEFT's is kept."""
@@ -196,7 +198,9 @@ def _token_logps(model, batch, chunk_size: int) -> torch.Tensor:
 
 def supervised_hidden(hf_model, batch) -> torch.Tensor:
     """Final hidden states at the positions that predict a supervised token: (n_targets, d)."""
+    if batch.prefix and hf_model.config._attn_implementation != VARLEN:
+        raise ValueError("a packed batch with a shared prefix needs packed_attention (the per-example loop)")
     out = hf_model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                              tunesmith_segments=batch.segments)
+                              tunesmith_segments=batch.segments, tunesmith_prefix=batch.prefix)
     hidden = out.last_hidden_state[0]  # (T, d)
     return hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions

@@ -40,14 +40,14 @@ def train_step(model, batches: list[PackedBatch], autocast, chunk_size: int,
 
 @torch.no_grad()
 def validation_loss(model, split: TokenizedSplit, micro_batch_size: int, eval_iters: int, chunk_size: int,
-                    autocast, device) -> float | None:
+                    autocast, device, share_prefix: bool = False) -> float | None:
     """Mean loss per supervised token over the first eval_iters micro batches (a fixed subset)."""
     if len(split) == 0:
         return None
     model.eval()
     total, targets = 0.0, 0
     for start in range(0, min(len(split), micro_batch_size * eval_iters), micro_batch_size):
-        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split))))).to(device)
+        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split)))), share_prefix).to(device)
         with autocast, packed_attention(unwrap(model)):
             total += float(loss_sum(model, batch, chunk_size))
         targets += batch.n_targets
@@ -58,14 +58,16 @@ def validation_loss(model, split: TokenizedSplit, micro_batch_size: int, eval_it
 class Supervised:
     """Cross-entropy per supervised token, summed over the step and divided by its token count."""
 
-    def __init__(self, splits: dict[str, TokenizedSplit], train_cfg, device, autocast, group: Group = Group()):
+    def __init__(self, splits: dict[str, TokenizedSplit], train_cfg, device, autocast, group: Group = Group(),
+                 share_prefix: bool = False):
         self.splits, self.train_cfg, self.device, self.autocast, self.group = splits, train_cfg, device, autocast, group
+        self.share_prefix = share_prefix  # a micro batch's common beginning computed once (train/batching.py)
 
     def units(self, split: str) -> int:
         return len(self.splits[split])
 
     def batch(self, split: str, indices: list[int]) -> PackedBatch:
-        return pack(self.splits[split], indices).to(self.device)
+        return pack(self.splits[split], indices, self.share_prefix).to(self.device)
 
     def step(self, model, batches: list[PackedBatch]) -> tuple[torch.Tensor, dict]:
         step_targets = self.group.sum(torch.tensor(sum(b.n_targets for b in batches), device=self.device))
@@ -75,5 +77,5 @@ class Supervised:
     def validate(self, model) -> dict:
         cfg = self.train_cfg
         value = validation_loss(model, self.splits["val"], cfg.micro_batch_size, cfg.eval_iters,
-                                cfg.loss_chunk_size, self.autocast, self.device)
+                                cfg.loss_chunk_size, self.autocast, self.device, self.share_prefix)
         return {} if value is None else {"val_loss": value}

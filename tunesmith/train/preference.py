@@ -122,12 +122,20 @@ class PreferenceBatch:
         return self.packed.n_tokens
 
     @property
+    def n_computed(self) -> int:
+        return self.packed.n_computed
+
+    @property
     def n_targets(self) -> int:
         return self.packed.n_targets
 
     @property
     def segments(self) -> list[tuple[int, int]]:
         return self.packed.segments
+
+    @property
+    def prefix(self) -> int:
+        return self.packed.prefix
 
 
 def sequence_ids(settings: Settings, indices: list[int]) -> list[int]:
@@ -167,9 +175,9 @@ def _next_other_prompt(split: TokenizedSplit, index: int, prompt: torch.Tensor, 
 def sequence_logps(model, batch: PackedBatch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer-token log-probs and answer-token counts of every sequence in a packed batch: (n,), (n,)."""
     per_token = token_logps(model, batch, chunk_size)  # (n_targets,)
-    starts = torch.tensor([start for start, _ in batch.segments], device=per_token.device)
+    starts = torch.tensor([start for start, _ in batch.example_segments], device=per_token.device)
     which = torch.searchsorted(starts, batch.predict_at, right=True) - 1  # (n_targets,) sequence of each target
-    n = len(batch.segments)
+    n = len(batch.example_segments)
     sums = per_token.new_zeros(n).index_add(0, which, per_token)
     counts = torch.bincount(which, minlength=n).to(per_token.dtype)
     return sums, counts
@@ -188,8 +196,10 @@ class Preference:
     """train/objective.py's interface for the preference methods."""
 
     def __init__(self, settings: Settings, splits: dict[str, TokenizedSplit], train_cfg, device, autocast,
-                 max_length: int, group: Group = Group(), references: dict[str, torch.Tensor] | None = None):
+                 max_length: int, group: Group = Group(), references: dict[str, torch.Tensor] | None = None,
+                 share_prefix: bool = False):
         self.settings, self.splits, self.train_cfg = settings, splits, train_cfg
+        self.share_prefix = share_prefix  # a micro batch's common beginning computed once (train/batching.py)
         self.device, self.autocast, self.max_length, self.group = device, autocast, max_length, group
         self.references = references  # None: the adapter switched off is the reference
 
@@ -199,12 +209,13 @@ class Preference:
 
     def batch(self, split: str, indices: list[int]) -> PreferenceBatch:
         data, ids = self.splits[split], sequence_ids(self.settings, indices)
-        packed = pack_sequences([data.example(i) for i in ids]).to(self.device)
+        packed = pack_sequences([data.example(i) for i in ids], self.share_prefix).to(self.device)
         desirable = data.labels[ids].bool().to(self.device)
         reference = self.references[split][ids].to(self.device) if self.references is not None else None
         batch = PreferenceBatch(packed, desirable, reference, units=len(indices))
         if self.settings.method == "kto":
-            batch.kl = pack_sequences([mismatched(data, i, self.max_length) for i in ids]).to(self.device)
+            batch.kl = pack_sequences([mismatched(data, i, self.max_length) for i in ids],
+                                      self.share_prefix).to(self.device)
             if self.references is not None:
                 batch.kl_reference = self.references[f"{split}_kl"][ids].to(self.device)
         return batch
@@ -330,7 +341,8 @@ def compute_references(model, objective: Preference, splits: list[str]) -> dict[
         for key, rows in sequences.items():
             values = []
             for start in range(0, len(rows), objective.train_cfg.micro_batch_size):
-                packed = pack_sequences(rows[start: start + objective.train_cfg.micro_batch_size]).to(objective.device)
+                packed = pack_sequences(rows[start: start + objective.train_cfg.micro_batch_size],
+                                        objective.share_prefix).to(objective.device)
                 with packed_attention(unwrap(model)), objective.autocast:
                     values.append(sequence_logps(model, packed, objective.train_cfg.loss_chunk_size)[0].float().cpu())
             out[key] = torch.cat(values) if values else torch.zeros(0)
@@ -364,5 +376,6 @@ def load_or_compute_references(model, objective: Preference, folder, manifest_ke
         return references
 
 
-def objective_for(config, splits, device, autocast, group: Group = Group()) -> Preference:
-    return Preference(Settings.of(config), splits, config.train, device, autocast, config.data.max_seq_length, group)
+def objective_for(config, splits, device, autocast, group: Group = Group(), share_prefix: bool = False) -> Preference:
+    return Preference(Settings.of(config), splits, config.train, device, autocast, config.data.max_seq_length, group,
+                      share_prefix=share_prefix)
