@@ -30,6 +30,7 @@ token for token what `model.generate` gives; tests/test_engine.py checks it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import deque
 from collections.abc import Callable
@@ -67,9 +68,39 @@ def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     cache = DynamicCache()
+    cache.layer_class_to_replicate = _growing_layer()
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
     return cache
+
+
+@functools.cache
+def _growing_layer():
+    """transformers' DynamicLayer concatenates every new column onto the whole cache (a copy of all
+    keys and values, every layer, every step). This one writes new columns into spare room at the
+    end of a buffer and hands out views of it; the buffer grows by half again when full."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            used = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            needed = used + key_states.shape[-2]
+            if self.buffers is None or self.buffers[0].shape[-2] < needed:
+                room = (*key_states.shape[:2], needed + max(needed // 2, 16), key_states.shape[-1])
+                buffers = key_states.new_empty(room), value_states.new_empty(room)
+                if used:
+                    buffers[0][:, :, :used], buffers[1][:, :, :used] = self.keys, self.values
+                self.buffers = buffers
+            keys, values = self.buffers
+            keys[:, :, used:needed], values[:, :, used:needed] = key_states, value_states
+            self.keys, self.values = keys[:, :, :needed], values[:, :, :needed]
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 @dataclass
