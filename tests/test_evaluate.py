@@ -81,3 +81,23 @@ def test_evaluate_needs_a_test_split(cli, llama, tmp_path):
                  "--data.test_split", 0)
     assert result.code == 2
     assert "the test split is empty" in result.err
+
+
+def test_auto_generation_batch_holds_as_many_rows_as_their_kv_cache_fits_in_a_quarter_of_memory(llama, monkeypatch):
+    from tunesmith import config as config_module
+    from tunesmith import estimate
+    from tunesmith.data.dataset import TokenizedSplit
+    from tunesmith.infer.generate import load_base
+
+    loaded = load_base(str(llama), device="cpu", precision="fp32")
+    split = TokenizedSplit.from_lists([[5] * 10, [5] * 30, [5] * 20], [[False] * 10, [False] * 30, [False] * 20])
+    model = loaded.model.config  # tiny llama: 2 layers, 2 key/value heads of 16, fp32
+    per_row = 2 * model.num_hidden_layers * model.num_key_value_heads * 16 * 4 * (30 + 5)  # longest row + answer cap
+    monkeypatch.setattr(estimate, "available_memory", lambda device: (4 * 2.5 * per_row, "test"))
+    auto = config_module.build({"model": str(llama)})
+    assert auto.eval.batch_size == "auto"
+    assert compare.generation_batch(loaded, auto, split, 3, 5) == 2  # a quarter of memory: 2.5 rows
+    monkeypatch.setattr(estimate, "available_memory", lambda device: (1e12, "test"))
+    assert compare.generation_batch(loaded, auto, split, 3, 5) == 3  # never more than the rows
+    fixed = config_module.build({"model": str(llama), "eval": {"batch_size": 7}})
+    assert compare.generation_batch(loaded, fixed, split, 3, 5) == 7 and fixed.eval.fixed_batch == 7

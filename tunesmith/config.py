@@ -203,7 +203,9 @@ class PreferenceConfig(Section):
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="test rows to generate answers for")
     max_new_tokens: int | None = Field(None, ge=1, description="answer length cap (default: from references)")
-    batch_size: int = Field(32, ge=1, description="prompts generated together")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="prompts generated together; auto: as many as their KV cache (longest row plus the "
+        "answer cap) fits in a quarter of the free memory, every test row at most")
     normalize: bool | list[Literal["case", "punctuation", "whitespace"]] = Field(
         False, description="compare answers ignoring case, punctuation and spacing (true), or only "
         "the listed ones, e.g. [case, whitespace]; applies to exact match, BLEU and ROUGE")
@@ -232,6 +234,11 @@ class EvalConfig(Section):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @property
+    def fixed_batch(self) -> int:
+        """batch_size for the benchmark harness and the bias probe, which take a number (auto: 32)."""
+        return self.batch_size if isinstance(self.batch_size, int) else 32
 
 
 class RunConfig(Section):
@@ -500,6 +507,9 @@ def semantic_problems(values: _Lookup) -> list[str]:
     rate = values.get("train.learning_rate")
     if _all((int, float), rate) and rate <= 0:
         problems.append(f"train.learning_rate={rate} must be above 0 (or auto, to have it found)")
+    generated = values.get("eval.batch_size")
+    if _all(int, generated) and generated < 1:
+        problems.append(f"eval.batch_size={generated} must be at least 1 (or auto)")
     clip = values.get("train.grad_clip")
     if _all((int, float), clip) and clip <= 0:
         problems.append(f"train.grad_clip={clip} must be above 0 (set it to null to turn clipping off)")

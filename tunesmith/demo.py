@@ -72,7 +72,7 @@ def demo_config(out_dir: Path, rows: int, steps: int) -> config_module.RunConfig
                   "warmup_steps": 10, "lr_schedule": "cosine", "eval_interval": 50, "eval_iters": 8,
                   "log_interval": 5},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "eval": {"max_samples": min(240, rows // 10), "max_new_tokens": 20, "batch_size": 48},
+        "eval": {"max_samples": min(240, rows // 10), "max_new_tokens": 20},
     }
     return config_module.build(raw)
 
@@ -83,14 +83,14 @@ def main(argv: list[str]) -> int:
                         help="dates: supervised LoRA; preference: DPO on chosen/rejected pairs")
     parser.add_argument("--out", default=None, help="run directory (default out/demo, out/demo-preference)")
     parser.add_argument("--rows", type=int, default=None, help="generated examples (default 3000; pairs 600)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 examples (default 20; "
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 examples (default 60; "
                                                                  "preference 40)")
     args = parser.parse_args(argv)
     if args.task == "preference":
         from tunesmith.demo_preference import run
 
         return run(args.out or "out/demo-preference", args.rows or 600, args.steps or 40)
-    args.out, args.rows, args.steps = args.out or "out/demo", args.rows or 3000, args.steps or 20
+    args.out, args.rows, args.steps = args.out or "out/demo", args.rows or 3000, args.steps or 60
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = make_rows(args.rows, seed=1234)
@@ -100,9 +100,12 @@ def main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     base_results, base_answers = compare.evaluate(config, tuned=False)
+    base_seconds = time.perf_counter() - started
     result = finetune(config)
     known = {"base": (base_results["base"], base_answers["base"])}
+    tuned_started = time.perf_counter()
     results, _ = compare.evaluate(config, tuned=True, known=known)
+    tuned_seconds = time.perf_counter() - tuned_started
     base = results["base"]
     compare.print_table(results)
     from tunesmith.report import write_report
@@ -113,6 +116,7 @@ def main(argv: list[str]) -> int:
                "base_test_loss": base["test_loss"], "tuned_test_loss": results["tuned"]["test_loss"],
                "n_test": base["n_test"], "train_steps": result.steps, "train_seconds": result.seconds,
                "train_tokens_per_second": result.tokens_per_second,
+               "base_evaluation_seconds": base_seconds, "tuned_evaluation_seconds": tuned_seconds,
                "total_seconds": time.perf_counter() - started}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"Exact match: base {summary['base_exact_match']:.1%} -> tuned {summary['tuned_exact_match']:.1%} "

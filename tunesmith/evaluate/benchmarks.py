@@ -78,7 +78,7 @@ def run_tasks(loaded: Loaded, config: RunConfig) -> dict[str, dict[str, float]]:
 
     manager = task_manager(tuple(config.eval.tasks), config.eval.tasks_dir)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=config.eval.batch_size,
+    model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=config.eval.fixed_batch,
                  device=str(loaded.device))
     try:
         output = simple_evaluate(model=model, tasks=list(config.eval.tasks), task_manager=manager,
