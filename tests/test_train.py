@@ -14,7 +14,7 @@ from helpers import fast_train_flags, qa_rows, write_jsonl
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.attention import packed_attention
-from tunesmith.train.batching import StepPlan, pack
+from tunesmith.train.batching import StepPlan, pack, pack_sequences
 from tunesmith.train.loop import train_step
 from tunesmith.train.optim import build_optimizer, lr_at
 
@@ -105,6 +105,8 @@ def test_a_shared_beginning_is_computed_once_with_the_same_loss_and_gradients(ll
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert pack(split, [0, 1, 2, 3], share_prefix=True).prefix == shared.prefix
     assert pack(templated_split(model.config.vocab_size, 5), [0, 1], share_prefix=True).prefix == 0  # too short
+    long_rows = [(torch.cat([shared.input_ids[0, :12], torch.full((200,), 7)]), torch.arange(212) > 100)] * 2
+    assert pack_sequences(long_rows, share_prefix=True).prefix == 0  # under an eighth of the rows: not worth a mask
 
 
 def test_ddp_sums_gradients_once_per_step_after_the_accumulated_micro_batches(llama, tmp_path, monkeypatch):
