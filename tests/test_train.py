@@ -105,7 +105,8 @@ def test_a_shared_beginning_is_computed_once_with_the_same_loss_and_gradients(ll
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert pack(split, [0, 1, 2, 3], share_prefix=True).prefix == shared.prefix
     assert pack(templated_split(model.config.vocab_size, 5), [0, 1], share_prefix=True).prefix == 0  # too short
-    long_rows = [(torch.cat([shared.input_ids[0, :12], torch.full((200,), 7)]), torch.arange(212) > 100)] * 2
+    long_rows = [(torch.cat([shared.input_ids[0, :12], torch.full((200,), token)]), torch.arange(212) > 100)
+                 for token in (7, 8)]  # 12 tokens in common, 212 long
     assert pack_sequences(long_rows, share_prefix=True).prefix == 0  # under an eighth of the rows: not worth a mask
 
 
