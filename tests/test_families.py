@@ -113,8 +113,8 @@ def test_model_without_chat_template_falls_back_and_says_so(cli, tiny_models, tm
     assert row["prompt"] == ALPACA_PROMPT.replace(PROMPT, row["messages"][0]["content"])
 
     result = cli("finetune", "--model", model, "--data.path", data, "--out_dir", run_dir,
-                 *fast_train_flags(max_steps=6), "--train.learning_rate", 2e-2)
-    assert result.code == 0, result.err
+                 *fast_train_flags(max_steps=6), "--train.learning_rate", 2e-2, "--lora.dropout", 0)
+    assert result.code == 0, result.err  # no dropout: at this rate 6 steps of other masks can leave an empty answer
     assert "Reusing prepared data" in result.err
     result = cli("generate", "--adapter", run_dir, "--prompt", PROMPT, "--max-new-tokens", 6)
     assert result.code == 0, result.err

@@ -89,7 +89,8 @@ def _growing_layer():
                 self.lazy_initialization(key_states, value_states)
             used = self.keys.shape[-2] if self.keys.dim() == 4 else 0
             needed = used + key_states.shape[-2]
-            if self.buffers is None or self.buffers[0].shape[-2] < needed:
+            ours = self.buffers is not None and self.keys.data_ptr() == self.buffers[0].data_ptr()
+            if not ours or self.buffers[0].shape[-2] < needed:  # (not ours: keys replaced from outside)
                 room = (*key_states.shape[:2], needed + max(needed // 2, 16), key_states.shape[-1])
                 buffers = key_states.new_empty(room), value_states.new_empty(room)
                 if used:
