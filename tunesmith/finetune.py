@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -57,9 +56,10 @@ def set_up(config: RunConfig) -> Setup:
         check_same_data(resume_from, config, tokenizer)
     prepared = prepare(config, tokenizer)  # first: a data error leaves no half-made run directory
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"  # the file a user resumes from is never half-written
-    tmp.write_text(dump(config))
-    tmp.replace(run_dir / "config.yaml")
+    if distributed.is_first_rank():  # one writer: two ranks replacing one temporary file race
+        tmp = run_dir / "config.yaml.tmp"  # the file a user resumes from is never half-written
+        tmp.write_text(dump(config))
+        tmp.replace(run_dir / "config.yaml")
     for line in summary_lines(prepared):
         say(line)
 
@@ -232,7 +232,7 @@ def main(config: RunConfig) -> int:
     if config.train.devices > 1 and not distributed.under_torchrun():
         return launch_ranks(config)
     result = finetune(config)
-    if not distributed.under_torchrun() or int(os.environ.get("RANK", "0")) == 0:
+    if distributed.is_first_rank():
         _report(result, config)
     return 0
 

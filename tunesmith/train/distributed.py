@@ -188,6 +188,11 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_first_rank() -> bool:
+    """True in a single process and in rank 0 of several; usable before the process group starts."""
+    return not under_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
 def start(device_request: str) -> tuple[Group, str]:
     """Join the process group torchrun set up (if any); returns the group and this rank's device."""
     if not under_torchrun():
