@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) bench/train_speed.py
+
+bench-quality: $(STAMP)
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
