@@ -1,7 +1,7 @@
 """Model quality, side by side: does a fine-tune with tunesmith's defaults make the model better at a
 real task than one with TRL's SFTTrainer + PEFT at their defaults, for the same compute?
 
-    .venv/bin/python bench/quality.py [--tasks sentiment,unicode,docstring] [--runs base,trl,...]
+    .venv/bin/python bench/quality.py [--tasks sentiment,syllables,docstring] [--runs base,trl,...]
 
 Tasks (bench/quality_tasks.py): real public data that ships in a package, never written or
 generated here, each with 200 held-out test rows scored by the task's metric. The model is the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from processes import cpu_model, last_error, run_measured  # bench/ is on the path of a script run from it
-from quality_tasks import TASKS, Task
+from quality_tasks import DEFAULT_TASKS, TASKS, Task
 
 from tunesmith.model.load import resolve
 
@@ -172,7 +172,8 @@ def measure(run: str, task: Task, paths: dict, work: Path) -> dict:
     folder = work / task.name / run
     folder.mkdir(parents=True, exist_ok=True)
     adapter, wall, error = (None, 0.0, "") if run == "base" else train(run, task, paths, folder)
-    row = {"task": task.name, "run": run, "train_seconds": wall, "error": error, "score": None}
+    row = {"task": task.name, "run": run, "train_seconds": wall, "error": error, "score": None,
+           "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if error:
         return row
     spec = {"kind": "score", "adapter": adapter, "test": str(paths["test"]), "metric": task.metric,
@@ -205,8 +206,9 @@ def _cell(value, digits: int = 3) -> str:
 
 
 def task_lines(task: Task, rows: dict[str, dict]) -> list[str]:
+    measured = min((row.get("measured", "") for row in rows.values()), default="")
     title = (f"**{task.name}** ({task.metric}, {len(task.test)} test rows, {task.steps} steps × batch {BATCH}; "
-             f"data: {task.source}, {len(task.train)} training rows)")
+             f"data: {task.source}, {len(task.train)} training rows; measured {measured or 'before dates were kept'})")
     lines = [title, "",
              f"| run | {task.metric} | vs base | vs TRL defaults (share of TRL's gain) | training wall s | note |",
              "|---|---:|---:|---:|---:|---|"]
@@ -239,10 +241,10 @@ def report(args, tasks: list[Task], results: dict[str, dict[str, dict]]) -> list
     import transformers
     import trl
 
-    measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_model()} ({torch.get_num_threads()} threads), "
-                f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"TRL {trl.__version__}. Command: `.venv/bin/python bench/quality.py --tasks {args.tasks} "
-                f"--runs {args.runs}`")
+    measured = (f"On {cpu_model()} ({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+                f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}. "
+                "Command: `make bench-quality` (that is, `.venv/bin/python bench/quality.py` after installing the "
+                "bench extras); `--tasks NAME` measures one task again and keeps the others' rows.")
     lines = [measured, ""]
     for task in tasks:
         lines += task_lines(task, results[task.name])
@@ -251,7 +253,7 @@ def report(args, tasks: list[Task], results: dict[str, dict[str, dict]]) -> list
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--work", type=Path, default=HERE / "_work" / "quality")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
@@ -268,16 +270,19 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown task or run: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; runs: {', '.join(RUNS)})")
         return 2
-    tasks = [TASKS[name]() for name in args.tasks.split(",")]
-    results: dict[str, dict[str, dict]] = {}
-    for task in tasks:
+    kept = args.work / "results.json"  # the tasks not measured this time keep their rows
+    results: dict[str, dict[str, dict]] = json.loads(kept.read_text()) if kept.is_file() else {}
+    for name in args.tasks.split(","):
+        task = TASKS[name]()
         paths = write_task(task, args.work / task.name)
         results[task.name] = {}
         for run in args.runs.split(","):
             row = measure(run, task, paths, args.work)
             results[task.name][run] = row
             print(json.dumps(row), flush=True)
-        (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        kept.write_text(json.dumps(results, indent=2))
+    results = {name: results[name] for name in DEFAULT_TASKS if name in results}  # the table's tasks
+    tasks = [TASKS[name]() for name in results]
     from results_md import write_section
 
     title = "## Model quality: tunesmith vs TRL SFTTrainer + PEFT at their defaults, same steps (bench/quality.py)"

