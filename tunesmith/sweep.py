@@ -32,7 +32,8 @@ USAGE = """usage: tunesmith sweep [CONFIG] --space SPACE.yaml [--storage URL] [-
                        [--section.key value ...]
 
 Hyperparameter search with Optuna: every trial is a finetune run in <sweep dir>/trial-NNN, ranked by
-the lowest validation loss it reached. The sweep directory is out_dir (default out/<name>-sweep).
+the lowest validation loss it reached, or by a score `evaluate` gives it on the test split after
+training (metric). The sweep directory is out_dir (default out/<name>-sweep).
 
   --space FILE    the search space (below)
   --storage URL   the Optuna storage (default: sqlite:///<sweep dir>/study.db); a database every machine
@@ -52,7 +53,9 @@ The space file (YAML; every config key in dotted form):
           validation loss of every train.eval_interval
   trials: N        trials in the whole study (a grid: every combination)
   minutes: M       no new trial starts after M minutes (per worker)
-  metric: val_loss
+  metric: val_loss (default) | exact_match | token_f1 | bleu | rouge1 | rouge2 | rougeL
+                   a score: each trained trial is evaluated on the test split (tuned model only)
+                   and the highest wins; the pruner still compares validation losses
   seed: S          trial k samples with seed S + k (default: fresh randomness)"""
 
 OWN_FLAGS = ("space", "storage", "study")
@@ -72,6 +75,9 @@ def main(argv: list[str]) -> int:
     config = config_module.build(raw, base_dir)
     check_base(config)
     space = sweep_space.read(own["space"], raw, base_dir)
+    if space.scored and config.data.test_split == 0 and not config.data.test_path:
+        raise ConfigError(f"metric={space.metric} scores each trial on the test split, and data.test_split is 0 "
+                          "with no data.test_path; set one of them")
     sweep_dir = sweep_directory(config)
     if "storage" not in own:  # the default SQLite file lives in the sweep directory
         if own.get("resume") and not (sweep_dir / "study.db").is_file():
@@ -178,16 +184,15 @@ def report(study, space: Space, sweep_dir: Path, base_raw: dict, where: str) -> 
     budget = ", ".join(filter(None, [f"{space.trials} trials" if space.trials else grid,
                                      f"{space.minutes:g} minutes per worker" if space.minutes else None]))
     lines = [(f"{where}; sampler {space.sampler}, pruner {space.pruner}, budget {budget}; trials are ranked "
-              "by the lowest validation loss they reached.")]
+              f"{sweep_report.ranked_by(space)}.")]
     importances = sweep_report.importances(study, space)
     sweep_report.write_csv(sweep_dir / "trials.csv", rows, space)
     sweep_report.plot(sweep_dir / "plots" / "sweep.png", rows, space, importances)
     best = sweep_report.best_row(rows)
     if best:
-        sweep_report.write_best(sweep_dir / "best.yaml", best, base_raw, sweep_dir)
-        lines.append(f"Best: trial {best['trial']}, validation loss {best['best_val_loss']:.4f} at step "
-                     f"{best['best_step']} ({sweep_report.describe(best['params'])}); its complete config: "
-                     "best.yaml")
+        sweep_report.write_best(sweep_dir / "best.yaml", best, base_raw, sweep_dir, space)
+        lines.append(f"Best: trial {best['trial']}, {sweep_report.best_words(best, space)} "
+                     f"({sweep_report.describe(best['params'])}); its complete config: best.yaml")
     sweep_report.write_summary(sweep_dir / "summary.md", rows, space, lines, importances)
     for line in lines[1:]:
         print(line)

@@ -10,6 +10,8 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +49,8 @@ def _row(trial, space: Space, retried_as: int | None) -> dict:
             "best_step": best_step, "state": state,
             "seconds": (end - trial.datetime_start).total_seconds() if end and trial.datetime_start else None,
             "run_dir": trial.user_attrs.get("run_dir", ""), "host": trial.user_attrs.get("host", ""),
-            "note": "; ".join(notes), "value": trial.value if trial.state.name == "COMPLETE" else None}
+            "note": "; ".join(notes), "value": trial.value if trial.state.name == "COMPLETE" else None,
+            "score": trial.user_attrs.get("score")}
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -58,8 +61,9 @@ def best_row(rows: list[dict]) -> dict | None:
 def _cells(row: dict, space: Space) -> list[str]:
     params = [_show(row["params"].get(p.key, "")) for p in space.params]
     loss = "" if row["best_val_loss"] is None else f"{row['best_val_loss']:.4f}"
+    score = ["" if row["score"] is None else f"{row['score']:.4f}"] if space.scored else []
     seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
-    return [str(row["trial"]), *params, loss, row["state"], seconds, row["note"]]
+    return [str(row["trial"]), *params, *score, loss, row["state"], seconds, row["note"]]
 
 
 def _show(value) -> str:
@@ -73,7 +77,19 @@ def describe(values: dict) -> str:
 
 
 def header(space: Space) -> list[str]:
-    return ["trial", *(p.key for p in space.params), "best val loss", "state", "seconds", "note"]
+    score = [space.metric] if space.scored else []
+    return ["trial", *(p.key for p in space.params), *score, "best val loss", "state", "seconds", "note"]
+
+
+def ranked_by(space: Space) -> str:
+    if space.scored:
+        return f"by the {space.metric} `evaluate` gives the trained model on the test split (highest first)"
+    return "by the lowest validation loss they reached"
+
+
+def best_words(best: dict, space: Space) -> str:
+    loss = f"validation loss {best['best_val_loss']:.4f} at step {best['best_step']}"
+    return f"{space.metric} {best['score']:.4f} ({loss})" if space.scored else loss
 
 
 def print_table(rows: list[dict], space: Space, title: str) -> None:
@@ -92,10 +108,12 @@ def print_table(rows: list[dict], space: Space, title: str) -> None:
 def write_csv(path: Path, rows: list[dict], space: Space) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", *(p.key for p in space.params), "best_val_loss", "best_step", "state", "seconds",
-                     "run_dir", "host", "note"])
+    score = [space.metric] if space.scored else []
+    writer.writerow(["trial", *(p.key for p in space.params), *score, "best_val_loss", "best_step", "state",
+                     "seconds", "run_dir", "host", "note"])
     for row in rows:
-        writer.writerow([row["trial"], *(_csv_value(row["params"].get(p.key, "")) for p in space.params),
+        scored = ["" if row["score"] is None else repr(row["score"])] if space.scored else []
+        writer.writerow([row["trial"], *(_csv_value(row["params"].get(p.key, "")) for p in space.params), *scored,
                          "" if row["best_val_loss"] is None else repr(row["best_val_loss"]),
                          "" if row["best_step"] is None else row["best_step"], row["state"],
                          "" if row["seconds"] is None else f"{row['seconds']:.1f}", row["run_dir"], row["host"],
@@ -115,25 +133,26 @@ def write_summary(path: Path, rows: list[dict], space: Space, lines: list[str], 
     for row in rows:
         cells = [cell.replace("|", "\\|") for cell in _cells(row, space)]
         text.append("| " + " | ".join(f"**{c}**" if row is best and c else c for c in cells) + " |")
+    measure = space.metric if space.scored else "validation loss"
     if importances and len(importances) > 1:
-        text += ["", "Importance of each key (share of the variation in validation loss it explains): "
+        text += ["", f"Importance of each key (share of the variation in {measure} it explains): "
                  + ", ".join(f"{key} {share:.2f}" for key, share in importances.items())]
-    text += ["", "![validation loss per trial](plots/sweep.png)", ""]
+    text += ["", f"![{measure} per trial](plots/sweep.png)", ""]
     write_atomic(path, "\n".join(text))
 
 
-def write_best(path: Path, best: dict, base_raw: dict, sweep_dir: Path) -> None:
+def write_best(path: Path, best: dict, base_raw: dict, sweep_dir: Path, space: Space) -> None:
     """The base config with the best trial's values: complete (every key), runnable by finetune."""
     raw = with_values(base_raw, best["params"])
     config = config_module.build({**raw, "out_dir": None, "name": f"{sweep_dir.name}-best"})
-    text = (f"# Best trial of the sweep in {sweep_dir}: trial {best['trial']}, validation loss "
-            f"{best['best_val_loss']:.4f} at step {best['best_step']}\n# with {describe(best['params'])}\n"
+    text = (f"# Best trial of the sweep in {sweep_dir}: trial {best['trial']}, {best_words(best, space)}\n"
+            f"# with {describe(best['params'])}\n"
             f"# Train it: tunesmith finetune {path}\n" + config_module.dump(config))
     write_atomic(path, text)
 
 
 def importances(study, space: Space) -> dict | None:
-    """Each key's share of the variation in validation loss (Optuna's default evaluator), best first."""
+    """Each key's share of the variation in what trials are ranked by (Optuna's default evaluator), best first."""
     if len(space.params) == 1:
         return {space.params[0].key: 1.0}
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
@@ -150,8 +169,10 @@ def importances(study, space: Space) -> dict | None:
 
 
 def plot(path: Path, rows: list[dict], space: Space, importances: dict | None) -> Path | None:
-    """Best validation loss per trial (with the best so far), and against the most important key."""
-    ranked = [r for r in rows if r["best_val_loss"] is not None]
+    """What trials are ranked by (best validation loss, or the score), per trial with the best so far,
+    and against the most important key."""
+    measure = Measure("score", space.metric, max) if space.scored else Measure("best_val_loss", "best validation loss", min)
+    ranked = [r for r in rows if r[measure.key] is not None]
     if not ranked:
         return None
     import matplotlib
@@ -161,8 +182,8 @@ def plot(path: Path, rows: list[dict], space: Space, importances: dict | None) -
 
     key = next(iter(importances)) if importances else space.params[0].key
     figure, (by_trial, by_value) = plt.subplots(1, 2, figsize=(11, 4))
-    _per_trial(by_trial, ranked)
-    _against(by_value, ranked, next(p for p in space.params if p.key == key))
+    _per_trial(by_trial, ranked, measure)
+    _against(by_value, ranked, next(p for p in space.params if p.key == key), measure)
     if importances and len(importances) > 1:
         by_value.set_title(f"the most important key: {key} ({importances[key]:.0%} of the variation)",
                            fontsize=10)
@@ -178,26 +199,33 @@ def plot(path: Path, rows: list[dict], space: Space, importances: dict | None) -
 MARKERS = {"complete": "o", "pruned": "x", "running": ".", "interrupted": ".", "failed": "."}
 
 
-def _per_trial(axes, rows: list[dict]) -> None:
+@dataclass(frozen=True)
+class Measure:
+    key: str  # the row's field
+    label: str
+    best: Callable  # min or max
+
+
+def _per_trial(axes, rows: list[dict], measure: Measure) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for state, marker in MARKERS.items():
         chosen = [r for r in rows if r["state"] == state]
         if chosen:
-            axes.plot([r["trial"] for r in chosen], [r["best_val_loss"] for r in chosen], marker,
+            axes.plot([r["trial"] for r in chosen], [r[measure.key] for r in chosen], marker,
                       linestyle="", label=state)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     complete = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["trial"])
     if complete:
-        running_best = [min(r["value"] for r in complete[: i + 1]) for i in range(len(complete))]
+        running_best = [measure.best(r[measure.key] for r in complete[: i + 1]) for i in range(len(complete))]
         axes.step([r["trial"] for r in complete], running_best, where="post", alpha=0.6, label="best so far")
     axes.set_xlabel("trial")
-    axes.set_ylabel("best validation loss")
+    axes.set_ylabel(measure.label)
     axes.grid(alpha=0.3)
     axes.legend()
 
 
-def _against(axes, rows: list[dict], param) -> None:
+def _against(axes, rows: list[dict], param, measure: Measure) -> None:
     rows = [r for r in rows if param.key in r["params"]]
     numeric = all(isinstance(r["params"][param.key], (int, float)) and not isinstance(r["params"][param.key], bool)
                   for r in rows)
@@ -208,13 +236,13 @@ def _against(axes, rows: list[dict], param) -> None:
         # choices that are not numbers: one column each, in the file's order
         positions = values if numeric else [labels.index(_show(v)) for v in values]
         if chosen:
-            axes.plot(positions, [r["best_val_loss"] for r in chosen], marker, linestyle="", label=state)
+            axes.plot(positions, [r[measure.key] for r in chosen], marker, linestyle="", label=state)
     if numeric and param.log:
         axes.set_xscale("log")
     if not numeric:
         axes.set_xticks(range(len(labels)), labels)
     axes.set_xlabel(param.key)
-    axes.set_ylabel("best validation loss")
+    axes.set_ylabel(measure.label)
     axes.grid(alpha=0.3)
 
 

@@ -8,7 +8,9 @@
                           # or {type: asha, min_resource: 2, reduction_factor: 2, ...} (Optuna's options)
     trials: 20            # trials in the whole study (every worker together)
     minutes: 60           # no new trial starts after this many minutes (per worker)
-    metric: val_loss      # minimised: the lowest validation loss a trial reached
+    metric: val_loss      # the lowest validation loss a trial reached (minimised), or a score of
+                          # `evaluate` on the test split after training (maximised): exact_match,
+                          # token_f1, bleu, rouge1, rouge2, rougeL
     seed: 42              # trial k samples with seed 42 + k (default: none, fresh randomness)
 
 Every problem is reported at once, one line each naming the key; a key or value the config itself
@@ -36,7 +38,8 @@ SAMPLERS = ("grid", "random", "tpe")
 # Optuna's SuccessiveHalvingPruner is the asynchronous variant (ASHA): both names select it.
 PRUNERS = {"none": "NopPruner", "asha": "SuccessiveHalvingPruner", "successive_halving": "SuccessiveHalvingPruner",
            "hyperband": "HyperbandPruner", "median": "MedianPruner", "threshold": "ThresholdPruner"}
-METRICS = ("val_loss",)
+SCORES = ("exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")  # evaluate's, higher is better
+METRICS = ("val_loss", *SCORES)
 RANGE_FIELDS = ("low", "high", "log", "step")
 # Keys the sweep sets itself for every trial.
 NOT_SWEPT = {"out_dir": "each trial runs in <sweep dir>/trial-NNN", "name": "each trial runs in <sweep dir>/trial-NNN",
@@ -122,6 +125,11 @@ class Space:
     minutes: float | None
     metric: str
     seed: int | None
+
+    @property
+    def scored(self) -> bool:
+        """Trials are ranked by an evaluation score after training, not by their validation loss."""
+        return self.metric in SCORES
 
     def grid(self) -> list[dict]:
         """Every combination, in the order the file lists keys and values: {key: config value}."""

@@ -1,5 +1,8 @@
 """One trial of a sweep: `python -m tunesmith finetune base.yaml --out_dir trial-NNN --key value ...`
-in its own process, watched through the validation losses it appends to its metrics.jsonl.
+in its own process, watched through the validation losses it appends to its metrics.jsonl. With a
+score as the metric, `tunesmith evaluate` then scores the trained run on the test split (tuned
+model only) in a process of its own, and the study is told the negated score: lower is better
+throughout, as for the validation losses the pruner compares during training.
 
 A crash or Ctrl-C in the trial never corrupts the study; the pruner stops a trial with SIGINT
 (the run saves a checkpoint and exits 130); Ctrl-C or SIGTERM to the sweep stops the running trial
@@ -40,6 +43,8 @@ class SweepInterrupted(TunesmithError):
 class Watched:
     reported: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     pruned_at: int | None = None
+    score: float | None = None  # the metric's value after training, when the metric is a score
+    score_error: str = ""
 
 
 def run_trial(study, trial, space: Space, sweep_dir: Path, base_file: Path, again: str) -> None:
@@ -57,6 +62,10 @@ def run_trial(study, trial, space: Space, sweep_dir: Path, base_file: Path, agai
         reuse_prepared_data(sweep_dir, run_dir)
         process = start_trial(trial_command(base_file, run_dir, values), log_path)
         watched = watch(process, trial, run_dir / "metrics.jsonl")
+        if space.scored and process.returncode == 0 and watched.pruned_at is None:
+            process = start_trial(evaluate_command(run_dir), log_path, append=True)
+            process.wait()
+            watched.score, watched.score_error = read_score(run_dir, space.metric, process.returncode)
     except KeyboardInterrupt:
         if process is not None:
             stop(process)
@@ -64,7 +73,7 @@ def run_trial(study, trial, space: Space, sweep_dir: Path, base_file: Path, agai
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise SweepInterrupted(f"sweep interrupted during trial {trial.number} (stopped; it runs again as a "
                                f"new trial). Continue with: {again}") from None
-    finish(study, trial, watched, process.returncode, log_path)
+    finish(study, trial, watched, process.returncode, log_path, space.metric)
 
 
 def trial_command(base_file: Path, run_dir: Path, values: dict) -> list[str]:
@@ -72,13 +81,29 @@ def trial_command(base_file: Path, run_dir: Path, values: dict) -> list[str]:
     return [sys.executable, "-m", "tunesmith", "finetune", str(base_file), f"--out_dir={run_dir}", *flags]
 
 
-def start_trial(command: list[str], log_path: Path) -> subprocess.Popen:
+def evaluate_command(run_dir: Path) -> list[str]:
+    """The trained model alone on the run's test split (the base model is the same for every trial)."""
+    return [sys.executable, "-m", "tunesmith", "evaluate", str(run_dir / "config.yaml"), "--eval.compare_base=false"]
+
+
+def read_score(run_dir: Path, metric: str, exit_code: int) -> tuple[float | None, str]:
+    """(the tuned model's score, "") from eval/results.json, or (None, why not)."""
+    results = run_dir / "eval" / "results.json"
+    if exit_code != 0 or not results.is_file():
+        return None, f"evaluate exit code {exit_code}"
+    value = json.loads(results.read_text()).get("tuned", {}).get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, f"evaluate wrote no finite {metric}"
+    return float(value), ""
+
+
+def start_trial(command: list[str], log_path: Path, append: bool = False) -> subprocess.Popen:
     """The trial in its own process group (a terminal's Ctrl-C reaches the sweep, which stops the trial
     cleanly), running this same tunesmith, its output in the log file."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     package_root = str(Path(tunesmith.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    with log_path.open("w", encoding="utf-8") as log:
+    with log_path.open("a" if append else "w", encoding="utf-8") as log:
         # preexec_fn is unsafe only with threads running, and the sweep starts none
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
@@ -149,7 +174,7 @@ class MetricsTail:
         return [(record["step"], float(record["val_loss"])) for record in records if "val_loss" in record]
 
 
-def finish(study, trial, watched: Watched, exit_code: int, log_path: Path) -> None:
+def finish(study, trial, watched: Watched, exit_code: int, log_path: Path, metric: str = "val_loss") -> None:
     from optuna.trial import TrialState
 
     finite = [(loss, step) for step, loss in watched.reported if math.isfinite(loss)]
@@ -157,12 +182,16 @@ def finish(study, trial, watched: Watched, exit_code: int, log_path: Path) -> No
         study.tell(trial, state=TrialState.PRUNED)
         say(f"Trial {trial.number}: pruned at step {watched.pruned_at} (validation loss "
             f"{watched.reported[-1][1]:.4f})")
-    elif exit_code == 0 and finite:
+    elif exit_code == 0 and finite and watched.score is not None:
+        trial.set_user_attr("score", watched.score)
+        study.tell(trial, -watched.score)  # negated: the study minimises
+        say(f"Trial {trial.number}: {metric} {watched.score:.4f} (best validation loss {min(finite)[0]:.4f})")
+    elif exit_code == 0 and finite and not watched.score_error:
         loss, step = min(finite)
         study.tell(trial, loss)
         say(f"Trial {trial.number}: best validation loss {loss:.4f} at step {step}")
     else:
-        error = failure(exit_code, watched, log_path)
+        error = watched.score_error if exit_code == 0 and finite else failure(exit_code, watched, log_path)
         trial.set_user_attr("error", error)
         study.tell(trial, state=TrialState.FAIL)
         say(f"Trial {trial.number}: failed: {error} (log: {log_path})")
