@@ -237,8 +237,9 @@ def _against(axes, rows: list[dict], param, measure: Measure) -> None:
         positions = values if numeric else [labels.index(_show(v)) for v in values]
         if chosen:
             axes.plot(positions, [r[measure.key] for r in chosen], marker, linestyle="", label=state)
-    if numeric and param.log:
-        axes.set_xscale("log")
+    spread = [r["params"][param.key] for r in rows] if numeric else []
+    if numeric and (param.log or (spread and min(spread) > 0 and max(spread) >= 10 * min(spread))):
+        axes.set_xscale("log")  # choices such as [1e-5, 5e-5, 2e-4] too: linear ticks would overlap
     if not numeric:
         axes.set_xticks(range(len(labels)), labels)
     axes.set_xlabel(param.key)
