@@ -27,6 +27,7 @@ a TRL run at its final adapter. Wall time is the training process's, loading and
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import platform
@@ -231,8 +232,7 @@ def majority_score(task: Task) -> tuple[str, float] | None:
     """For a classification task: the most common training answer, and its accuracy on the test rows."""
     if task.metric != "accuracy":
         return None
-    answers = [row["completion"] for row in task.train]
-    common = max(set(answers), key=answers.count)
+    common = collections.Counter(row["completion"] for row in task.train).most_common(1)[0][0]
     return common, sum(row["completion"] == common for row in task.test) / len(task.test)
 
 
@@ -293,8 +293,9 @@ def main(argv: list[str]) -> int:
         return 2
     kept = args.work / "results.json"  # the tasks not measured this time keep their rows
     results: dict[str, dict[str, dict]] = json.loads(kept.read_text()) if kept.is_file() else {}
+    built: dict[str, Task] = {}  # a task's data is read once (docstrings parses the whole standard library)
     for name in [] if args.report else args.tasks.split(","):
-        task = TASKS[name]()
+        task = built[name] = TASKS[name]()
         paths = write_task(task, args.work / task.name)
         results[task.name] = {}
         for run in args.runs.split(","):
@@ -303,7 +304,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(row), flush=True)
         kept.write_text(json.dumps(results, indent=2))
     results = {name: results[name] for name in DEFAULT_TASKS if name in results}  # the table's tasks
-    tasks = [TASKS[name]() for name in results]
+    tasks = [built.get(name) or TASKS[name]() for name in results]
     from results_md import write_section
 
     title = "## Model quality: tunesmith vs TRL SFTTrainer + PEFT at their defaults, same steps (bench/quality.py)"
