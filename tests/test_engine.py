@@ -263,3 +263,43 @@ def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_model
                     len(requests[2].prompt_ids) - shared]
     for request in requests:
         assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+
+
+def _log_likelihood(loaded, prompt_ids, score_ids, counted):
+    """Plain transformers: one unpadded forward of prompt + score ids, log p of each counted score id."""
+    ids = torch.tensor([prompt_ids + score_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(float(logp[len(prompt_ids) - 1 + j, token])
+               for j, (token, keep) in enumerate(zip(score_ids, counted)) if keep), sum(counted)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("prefill_tokens", [5, 4096])
+def test_score_ids_are_read_in_the_prefill_and_leave_the_answer_as_it_was(tiny_models, family, prefill_tokens):
+    """evaluate's test loss rides on generation's prefill: the log-likelihood of tokens after each
+    prompt equals a plain forward pass's, whether the prompt's end and its score ids fall in one
+    chunk or several, with or without a shared beginning; the answers are generate's greedy ones."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, family)
+    system = "Below is an instruction that describes a task. Write a response. "
+    prompts = [PROMPTS[0], PROMPTS[2], system + "hello world", system + "the quick brown fox"]
+    vocab = loaded.model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    requests, expected = [], []
+    for index, prompt in enumerate(prompts):
+        ids = _ids(loaded, prompt)
+        score = torch.randint(3, vocab, (2 + 3 * index,), generator=generator).tolist()  # 2, 5, 8, 11 tokens
+        counted = [j % 3 != 1 for j in range(len(score))] if index % 2 else []  # [] = all count
+        requests.append(Request(ids, Sampling(max_new_tokens=6), score_ids=score, score_counted=counted))
+        expected.append(_log_likelihood(loaded, ids, score, counted or [True] * len(score)))
+    requests.append(Request(_ids(loaded, PROMPTS[1]), Sampling(max_new_tokens=6)))  # a row with nothing to score
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id, prefill_tokens=prefill_tokens)
+    _engine_run(engine, loaded, {0: [*requests[:2], requests[4]], 2: requests[2:4]})  # 2 and 3 share a beginning
+    for request, (logprob, count) in zip(requests, expected):
+        assert request.score_count == count
+        assert request.score_logprob == pytest.approx(logprob, rel=1e-5, abs=1e-4)
+    assert requests[-1].score_count == 0 and requests[-1].score_logprob == 0.0
+    for request in requests:
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)

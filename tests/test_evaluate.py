@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from helpers import qa_rows, write_jsonl
 
 from tunesmith.evaluate import compare
@@ -101,3 +102,38 @@ def test_auto_generation_batch_holds_as_many_rows_as_their_kv_cache_fits_in_a_qu
     assert compare.generation_batch(loaded, auto, split, 3, 5) == 3  # never more than the rows
     fixed = config_module.build({"model": str(llama), "eval": {"batch_size": 7}})
     assert compare.generation_batch(loaded, fixed, split, 3, 5) == 7 and fixed.eval.fixed_batch == 7
+
+
+def test_the_test_loss_is_read_in_generations_prefill_and_equals_a_plain_forward(cli, llama, tmp_path, monkeypatch):
+    """No second pass over the test rows for their loss: the prefill that starts each answer reads
+    the reference answer too. The mean loss per target token equals plain transformers' on the
+    prepared test examples."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith import config as config_module
+    from tunesmith.data.prepare import prepare
+    from tunesmith.model.load import load_tokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(60))
+    args = ["--model", str(llama), "--data.path", str(data), "--out_dir", str(tmp_path / "run"),
+            "--data.test_split", "0.2", "--train.device", "cpu", "--train.precision", "fp32"]
+    apart: list[int] = []  # rows whose loss needed the packed pass
+    packed = compare.loss_totals
+    monkeypatch.setattr(compare, "loss_totals", lambda loaded, split, indices, size=8: (
+        apart.extend(indices), packed(loaded, split, indices, size))[1])
+    result = cli("evaluate", *args, "--eval.max_new_tokens", 4)
+    assert result.code == 0, result.err
+    loss = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["base"]["test_loss"]
+    assert apart == []
+
+    split = prepare(config_module.from_args(args), load_tokenizer(str(llama), quiet=True)).splits["test"]
+    model = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32).eval()
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for index in range(len(split)):
+            ids, supervised = split.example(index)
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0], dim=-1)
+            for t in range(1, len(ids)):
+                if supervised[t]:
+                    total, targets = total - float(logp[t - 1, ids[t]]), targets + 1
+    assert len(split) >= 10 and loss == pytest.approx(total / targets, rel=1e-5)

@@ -32,7 +32,8 @@ from tunesmith.evaluate.metrics import (
     table_rows,
     token_f1,
 )
-from tunesmith.infer.generate import Loaded, generate_with_limits, load_base, load_run
+from tunesmith.infer.engine import Sampling
+from tunesmith.infer.generate import Loaded, load_base, load_run, run_requests
 from tunesmith.log import say
 from tunesmith.model.load import load_tokenizer, resolve
 from tunesmith.train.attention import packed_attention, shares_prefixes
@@ -42,15 +43,37 @@ from tunesmith.train.loss import loss_sum
 
 @torch.no_grad()
 def test_loss(loaded: Loaded, split: TokenizedSplit, limit: int, micro_batch_size: int = 8) -> float:
+    total, targets = loss_totals(loaded, split, list(range(min(len(split), limit))), micro_batch_size)
+    return total / max(targets, 1)
+
+
+@torch.no_grad()
+def loss_totals(loaded: Loaded, split: TokenizedSplit, indices: list[int], micro_batch_size: int = 8
+                ) -> tuple[float, int]:
+    """Summed loss and target count of the examples at `indices`, packed `micro_batch_size` at a time."""
     total, targets = 0.0, 0
-    count = min(len(split), limit)
-    for start in range(0, count, micro_batch_size):
-        batch = pack(split, list(range(start, min(start + micro_batch_size, count))),
-                     shares_prefixes(loaded.model)).to(loaded.device)
+    for start in range(0, len(indices), micro_batch_size):
+        batch = pack(split, indices[start:start + micro_batch_size], shares_prefixes(loaded.model)).to(loaded.device)
         with packed_attention(loaded.model):
             total += float(loss_sum(loaded.model, batch))
         targets += batch.n_targets
-    return total / max(targets, 1)
+    return total, targets
+
+
+def continuations(split: TokenizedSplit, prompt_ids: list[list[int]]) -> list[tuple[list[int], list[bool]] | None]:
+    """For each test row whose tokenized example begins with exactly the prompt generation reads: the
+    rest of the example (the reference answer, end of turn) and which of its tokens are targets. The
+    generation's prefill then reads them too, and the test loss needs no pass of its own. None where
+    the example starts otherwise (a multi-turn row with targets in earlier turns, a cut prompt)."""
+    found = []
+    for index, prompt in enumerate(prompt_ids):
+        ids, supervised = split.example(index)
+        first_target = int(supervised.long().argmax()) if bool(supervised.any()) else len(ids)
+        if first_target != len(prompt) or first_target == 0 or ids[:first_target].tolist() != prompt:
+            found.append(None)
+            continue
+        found.append((ids[first_target:].tolist(), supervised[first_target:].tolist()))
+    return found
 
 
 GENERATION_MEMORY_SHARE = 0.25  # of the free memory, for eval.batch_size auto
@@ -106,13 +129,21 @@ def score(loaded: Loaded, split: TokenizedSplit, rows: list[dict], config: RunCo
 
         preference = preference_scores(loaded.model, split, config.objective in PAIRED_METHODS, loaded.device,
                                        config.train.micro_batch_size)
-    loss = preference["test_loss"] if preference else test_loss(loaded, split, len(rows),
-                                                                  config.train.micro_batch_size)
+    prompt_ids = [loaded.encoder.encode_prompt(r["prompt"]) for r in rows]
+    scored = continuations(split, prompt_ids) if not preference else [None] * len(rows)
     with tqdm(total=len(rows), desc=f"generating ({loaded.label})", unit="row",
               dynamic_ncols=True) as bar:
-        answers, hit_limit = generate_with_limits(loaded, [r["prompt"] for r in rows], max_new_tokens,
-                                                  generation_batch(loaded, config, split, len(rows), max_new_tokens),
-                                                  progress=bar.update)
+        requests = run_requests(loaded, prompt_ids, Sampling(max_new_tokens=max_new_tokens),
+                                generation_batch(loaded, config, split, len(rows), max_new_tokens), bar.update, scored)
+    answers = [r.text.strip() for r in requests]
+    hit_limit = [r.finish_reason == "length" for r in requests]
+    if preference:
+        loss = preference["test_loss"]
+    else:  # what the prefills read, and the rows they could not read in one pass
+        total, targets = loss_totals(loaded, split, [i for i, s in enumerate(scored) if s is None],
+                                     config.train.micro_batch_size)
+        total -= sum(r.score_logprob for r in requests)
+        loss = total / max(targets + sum(r.score_count for r in requests), 1)
     metrics = {**preference, "test_loss": loss, "perplexity": math.exp(min(loss, 50)),
                **generation_scores(answers, rows, config.eval.normalize), "n_test": len(rows),
                "truncated_rows": [i for i, hit in enumerate(hit_limit) if hit]}

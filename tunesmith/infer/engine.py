@@ -7,7 +7,9 @@ between two decode steps, and leaves it the moment it is finished:
     admit     a request waits with its sampler (transformers' logits processors, its own seeded
               generator), its stop tokens, its adapter
     prefill   the newcomers' prompts, left-padded together, go through the model at most
-              `prefill_tokens` tokens per step, so a long prompt never stalls the running rows
+              `prefill_tokens` tokens per step, so a long prompt never stalls the running rows;
+              a request's score ids (evaluate's reference answer) ride along after its prompt:
+              their log-likelihood is read from the same pass, then their columns are masked out
     merge     a prefilled group joins the running batch: the shorter of the two KV caches is padded
               on the left (masked out), then the rows are stacked
     decode    one forward pass feeds every running row the token it sampled last
@@ -45,6 +47,9 @@ from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noq
 # Prompts that begin alike (a chat template's system block) share the keys and values of that
 # beginning once it is at least this many tokens: a newcomer's prefill starts after it
 MIN_SHARED_PREFIX = 16
+# Rows x columns of logits one prefill step keeps where score ids are read (each a vocabulary of
+# floats: 1024 x 49k fp32 = 200 MB); more columns wait for the next step
+MAX_SCORED_LOGITS = 1024
 
 
 def context_length(model) -> int | None:
@@ -148,14 +153,43 @@ def _crop(group: _Group) -> None:
 class _Prefill:
     """Newcomers' prompts going through the model, a chunk of columns per step. With a shared
     prefix the cache starts with its columns, and the rest of each prompt follows, left-padded:
-    [prefix][pad..][rest of the prompt]; the mask marks the hole, positions skip it."""
+    [prefix][pad..][rest of the prompt]; the mask marks the hole, positions skip it.
+
+    A request with score_ids has them right after its prompt: [prefix][pad..][rest][score ids]. The
+    logits that predict them give their log-likelihood; the prompt's last column gives the first
+    token; once prefilled, the score columns are masked out and the answer continues the prompt."""
 
     rows: list[Row]
-    ids: torch.Tensor  # (rows, width), the prompts after the shared prefix, left-padded
+    ids: torch.Tensor  # (rows, width), the prompts after the shared prefix (and score ids), left-padded
     mask: torch.Tensor  # (rows, prefix + width)
     cache: object  # holds the prefix's columns, then the ones prefilled so far
     skip: int = 0  # columns of the shared prefix
     done: int = 0  # columns of `ids` already in the cache
+    tails: torch.Tensor | None = None  # (rows,) score ids after each prompt (None: no row has any)
+    first: torch.Tensor | None = None  # (rows, vocab) logits of each prompt's last token, once read
+    scores: _Scores | None = None
+
+
+@dataclass
+class _Scores:
+    """The score ids of a prefill's rows and their log-likelihood as it is read, chunk by chunk."""
+
+    targets: torch.Tensor  # (rows, longest tail) token ids, 0 past a row's tail
+    counted: torch.Tensor  # (rows, longest tail) bool: a target that counts
+    logprob: torch.Tensor  # (rows,) float64, summed so far
+    count: torch.Tensor  # (rows,) long
+
+    @classmethod
+    def of(cls, rows: list[Row], device) -> _Scores:
+        longest = max(len(row.request.score_ids) for row in rows)
+        targets = torch.zeros((len(rows), longest), dtype=torch.long)
+        counted = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for index, row in enumerate(rows):
+            ids, flags = row.request.score_ids, row.request.score_counted or [True] * len(row.request.score_ids)
+            targets[index, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            counted[index, :len(ids)] = torch.tensor(flags, dtype=torch.bool)
+        return cls(targets.to(device), counted.to(device), torch.zeros(len(rows), dtype=torch.float64, device=device),
+                   torch.zeros(len(rows), dtype=torch.long, device=device))
 
 
 @dataclass
@@ -188,7 +222,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens  # prompt tokens (padding included) per step, at most
         self.mixed_adapters = mixed_adapters  # pass each row's adapter name (PEFT LoRA, mixed batch)
         self.max_positions = context_length(model)
-        self.keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.keep_last = _accepts_logits_to_keep(model)  # the forward computes only the logits asked for
         self.pending: list[Row] = []  # admitted, prefill not started
         self.prefills: deque[_Prefill] = deque()
         self.running: _Group | None = None
@@ -278,7 +312,7 @@ class Engine:
     def _start_prefill(self, rows: list[Row]) -> _Prefill:
         prefix = self._shared_prefix(rows[0])
         skip = len(prefix.ids) if prefix is not None else 0
-        rests = [row.request.prompt_ids[skip:] for row in rows]
+        rests = [row.request.prompt_ids[skip:] + row.request.score_ids for row in rows]
         width = max(len(rest) for rest in rests)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), skip + width), dtype=torch.long)
@@ -288,19 +322,25 @@ class Engine:
             mask[index, skip + width - len(rest):] = 1
         layers = [] if prefix is None else [(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
                                             for k, v in prefix.layers]
-        return _Prefill(rows, ids.to(self.device), mask.to(self.device), _cache(layers), skip)
+        prefill = _Prefill(rows, ids.to(self.device), mask.to(self.device), _cache(layers), skip)
+        if any(row.request.score_ids for row in rows):
+            prefill.tails = torch.tensor([len(row.request.score_ids) for row in rows], device=self.device)
+            prefill.scores = _Scores.of(rows, self.device)
+        return prefill
 
     def _advance_prefill(self) -> list[Row]:
         """The next chunk of the oldest prefill; when its prompts are all in, the first tokens are
         sampled and the rows join the running batch."""
         prefill = self.prefills[0]
-        chunk = max(1, self.prefill_tokens // len(prefill.rows))
-        end = min(prefill.done + chunk, prefill.ids.shape[1])
+        end, read_from = self._chunk_end(prefill)
+        keep = max(1, end - max(prefill.done, read_from))  # the columns whose logits are read
         columns = slice(prefill.skip + prefill.done, prefill.skip + end)  # of the mask and the cache
         positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift a row's positions
         try:
             logits = self._forward(prefill.rows, prefill.ids[:, prefill.done:end], prefill.mask[:, :columns.stop],
-                                   positions[:, columns], prefill.cache)
+                                   positions[:, columns], prefill.cache, keep)
+            if end > read_from:
+                self._read_logits(prefill, logits, end)
         except Exception as err:  # noqa: BLE001 — retried one prompt at a time; the one that fails, fails alone
             self.prefills.popleft()
             return self._split_failed_prefill(prefill, err)
@@ -308,15 +348,59 @@ class Engine:
         if end < prefill.ids.shape[1]:
             return []
         self.prefills.popleft()
-        group = _Group(prefill.rows, prefill.cache, prefill.mask)
+        group = _Group(prefill.rows, prefill.cache, self._end_of_prompts(prefill))
         if prefill.skip == 0:
             self._remember_prefix(group)
-        finished = self._take_tokens(group, logits)
+        finished = self._take_tokens(group, prefill.first)
         kept = [slot for slot, row in enumerate(group.rows) if not row.done]
         if kept:
             group = group if len(kept) == len(group.rows) else _select(group, kept)
             self.running = _merge([self.running, group]) if self.running is not None else group
         return finished
+
+    def _chunk_end(self, prefill: _Prefill) -> tuple[int, int]:
+        """Where this step's chunk of `prefill.ids` ends, and the first column whose logits are read
+        (the last prompt token of the row with the most score ids; the last column without any)."""
+        end = min(prefill.done + max(1, self.prefill_tokens // len(prefill.rows)), prefill.ids.shape[1])
+        read_from = prefill.ids.shape[1] - 1 - (int(prefill.tails.max()) if prefill.tails is not None else 0)
+        if prefill.tails is not None and end > read_from:
+            end = min(end, max(prefill.done, read_from) + max(1, MAX_SCORED_LOGITS // len(prefill.rows)))
+        return end, read_from
+
+    @staticmethod
+    def _read_logits(prefill: _Prefill, logits: torch.Tensor, end: int) -> None:
+        """From the logits of the columns before `end` (rows, kept, vocab): each prompt's next-token
+        logits, and the log-likelihood of the score ids they predict."""
+        if prefill.tails is None:  # the last column of the last chunk: every prompt's next token
+            prefill.first = logits[:, -1]
+            return
+        width, kept, tails = prefill.ids.shape[1], logits.shape[1], prefill.tails
+        if prefill.first is None:
+            prefill.first = logits.new_zeros((len(prefill.rows), logits.shape[-1]))
+        last_prompt_column = width - 1 - tails  # (rows,)
+        for offset in range(kept):
+            predicts = (end - kept + offset) - last_prompt_column  # (rows,): the score id this column predicts
+            at_prompt_end = (predicts == 0).nonzero().flatten()
+            prefill.first[at_prompt_end] = logits[at_prompt_end, offset]
+            scoring = ((predicts >= 0) & (predicts < tails)).nonzero().flatten()
+            if len(scoring):
+                which = predicts[scoring]
+                logp = torch.log_softmax(logits[scoring, offset], dim=-1)
+                picked = logp.gather(1, prefill.scores.targets[scoring, which][:, None]).squeeze(1)
+                counted = prefill.scores.counted[scoring, which]
+                prefill.scores.logprob[scoring] += (picked.double() * counted)
+                prefill.scores.count[scoring] += counted.long()
+
+    @staticmethod
+    def _end_of_prompts(prefill: _Prefill) -> torch.Tensor:
+        """The mask the answers continue from: score columns handed to their requests and masked out."""
+        if prefill.tails is None:
+            return prefill.mask
+        for row, logprob, count in zip(prefill.rows, prefill.scores.logprob.tolist(), prefill.scores.count.tolist()):
+            row.request.score_logprob, row.request.score_count = logprob, count
+        width = prefill.mask.shape[1]
+        columns = torch.arange(width, device=prefill.mask.device)[None, :]  # (1, width)
+        return prefill.mask * (columns < (width - prefill.tails)[:, None])
 
     def _remember_prefix(self, group: _Group) -> None:
         """Keep the keys and values of what these prompts (and the one before) begin with, when it is
@@ -367,7 +451,7 @@ class Engine:
         positions = group.mask.sum(-1, keepdim=True)  # (rows, 1): real tokens before this one
         mask = torch.cat([group.mask, group.mask.new_ones((len(group.rows), 1))], dim=1)
         try:
-            logits = self._forward(group.rows, tokens, mask, positions, group.cache)
+            logits = self._forward(group.rows, tokens, mask, positions, group.cache)[:, -1]
         except Exception as err:  # noqa: BLE001 — find the offending row; the others must go on
             _crop(group)
             if len(group.rows) == 1:
@@ -381,12 +465,13 @@ class Engine:
         return [(group, logits)], []
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache) -> torch.Tensor:
-        """Logits of the last column, (rows, vocab) fp32; `cache` takes the new columns."""
+                 cache, keep: int = 1) -> torch.Tensor:
+        """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns."""
         per_row = {"adapter_names": [row.adapter_name for row in rows]} if self.mixed_adapters else {}
+        limit = {"logits_to_keep": keep} if self.keep_last else {}
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, **self.keep_last, **per_row)
-        return output.logits[:, -1, :].float()
+                            use_cache=True, **limit, **per_row)
+        return output.logits[:, -keep:, :].float()
 
     def _take_tokens(self, group: _Group, logits: torch.Tensor) -> list[Row]:
         """Each row takes its next token; an error in one row's sampling or callback fails that row."""

@@ -91,25 +91,32 @@ def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batc
 def generate_with_limits(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                          temperature: float = 0.0, top_p: float = 1.0, progress=None
                          ) -> tuple[list[str], list[bool]]:
-    """The answers, and for each whether it ran into max_new_tokens without a stop token (cut off).
-    Prompts go through the continuous-batching engine shortest first (little padding), at most
-    `batch_size` at a time, the next one joining as soon as an answer ends."""
-    encoded = [loaded.encoder.encode_prompt(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    """The answers, and for each whether it ran into max_new_tokens without a stop token (cut off)."""
+    requests = run_requests(loaded, [loaded.encoder.encode_prompt(p) for p in prompts],
+                            Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+                            batch_size, progress)
+    return [r.text.strip() for r in requests], [r.finish_reason == "length" for r in requests]
+
+
+def run_requests(loaded: Loaded, prompt_ids: list[list[int]], sampling: Sampling, batch_size: int = 16,
+                 progress=None, scored: list[tuple[list[int], list[bool]] | None] | None = None) -> list[Request]:
+    """Every prompt decoded to the end, the finished Requests in input order. Prompts go through the
+    continuous-batching engine shortest first (little padding), at most `batch_size` at a time, the
+    next one joining as soon as an answer ends. `scored[i]` (ids, counted) are tokens that follow
+    prompt i whose log-likelihood its prefill reads (Request.score_logprob); the answer is not affected."""
     problems = sampling.problems()
     if problems:
         raise TunesmithError("; ".join(problems))
-    requests = [Request(encoded[i], sampling) for i in order]
-    decode(loaded.model, loaded.tokenizer, requests, stop_token_ids(loaded), loaded.tokenizer.pad_token_id,
-           batch_size=batch_size, on_finished=(lambda _: progress(1)) if progress is not None else None,
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    requests: list[Request] = [None] * len(prompt_ids)  # type: ignore[list-item]
+    for index in order:
+        ids, counted = (scored[index] if scored and scored[index] else ([], []))
+        requests[index] = Request(prompt_ids[index], sampling, score_ids=list(ids), score_counted=list(counted))
+    decode(loaded.model, loaded.tokenizer, [requests[i] for i in order], stop_token_ids(loaded),
+           loaded.tokenizer.pad_token_id, batch_size=batch_size,
+           on_finished=(lambda _: progress(1)) if progress is not None else None,
            prefill_tokens=OFFLINE_PREFILL_TOKENS)
-    answers: list[str] = [""] * len(prompts)
-    hit_limit = [False] * len(prompts)
-    for index, request in zip(order, requests):
-        answers[index] = request.text.strip()
-        hit_limit[index] = request.finish_reason == "length"
-    return answers, hit_limit
+    return requests
 
 
 def template_prompt(loaded: Loaded, user_text: str) -> str:

@@ -65,6 +65,12 @@ class Request:
     completion_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: Exception | None = None  # why this request failed (finish_reason "error")
+    # evaluate's test loss: tokens that follow the prompt (the reference answer) read in the prompt's own
+    # prefill, so their log-likelihood costs no second pass; they are not part of the answer
+    score_ids: list[int] = field(default_factory=list)
+    score_counted: list[bool] = field(default_factory=list)  # which score_ids count (empty: all)
+    score_logprob: float = 0.0  # filled in: summed log p of the counted score_ids
+    score_count: int = 0
 
 
 class Sampler:
