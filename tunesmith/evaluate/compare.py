@@ -42,12 +42,6 @@ from tunesmith.train.loss import loss_sum
 
 
 @torch.no_grad()
-def test_loss(loaded: Loaded, split: TokenizedSplit, limit: int, micro_batch_size: int = 8) -> float:
-    total, targets = loss_totals(loaded, split, list(range(min(len(split), limit))), micro_batch_size)
-    return total / max(targets, 1)
-
-
-@torch.no_grad()
 def loss_totals(loaded: Loaded, split: TokenizedSplit, indices: list[int], micro_batch_size: int = 8
                 ) -> tuple[float, int]:
     """Summed loss and target count of the examples at `indices`, packed `micro_batch_size` at a time."""
