@@ -37,8 +37,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tunesmith demo
 
+# The suite runs in one pytest worker per core (at most 4): each test keeps to one thread
+# (tests/conftest.py sets OMP_NUM_THREADS=1), so the workers never fight over a core.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
