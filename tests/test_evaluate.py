@@ -137,3 +137,15 @@ def test_the_test_loss_is_read_in_generations_prefill_and_equals_a_plain_forward
                 if supervised[t]:
                     total, targets = total - float(logp[t - 1, ids[t]]), targets + 1
     assert len(split) >= 10 and loss == pytest.approx(total / targets, rel=1e-5)
+
+
+def test_only_rows_that_begin_with_the_generation_prompt_are_read_in_the_prefill():
+    """A row whose targets start elsewhere (an earlier turn) or whose tokens differ from the prompt
+    keeps the packed loss pass; a row past the tokenized split has nothing to read."""
+    from tunesmith.data.dataset import TokenizedSplit
+
+    split = TokenizedSplit.from_lists([[1, 2, 3, 4], [1, 2, 3, 4], [1, 9, 3, 4], [5, 6, 7]],
+                                      [[False, False, True, True], [False, True, False, True],
+                                       [False, False, True, True], [False, False, False]])
+    prompts = [[1, 2], [1, 2], [1, 2], [5, 6, 7], [8]]
+    assert compare.continuations(split, prompts) == [([3, 4], [True, True]), None, None, ([], []), None]

@@ -59,15 +59,15 @@ def continuations(split: TokenizedSplit, prompt_ids: list[list[int]]) -> list[tu
     rest of the example (the reference answer, end of turn) and which of its tokens are targets. The
     generation's prefill then reads them too, and the test loss needs no pass of its own. None where
     the example starts otherwise (a multi-turn row with targets in earlier turns, a cut prompt)."""
-    found = []
-    for index, prompt in enumerate(prompt_ids):
+    found: list[tuple[list[int], list[bool]] | None] = []
+    for index, prompt in enumerate(prompt_ids[:len(split)]):
         ids, supervised = split.example(index)
         first_target = int(supervised.long().argmax()) if bool(supervised.any()) else len(ids)
         if first_target != len(prompt) or first_target == 0 or ids[:first_target].tolist() != prompt:
             found.append(None)
             continue
         found.append((ids[first_target:].tolist(), supervised[first_target:].tolist()))
-    return found
+    return found + [None] * (len(prompt_ids) - len(found))
 
 
 GENERATION_MEMORY_SHARE = 0.25  # of the free memory, for eval.batch_size auto
@@ -134,8 +134,8 @@ def score(loaded: Loaded, split: TokenizedSplit, rows: list[dict], config: RunCo
     if preference:
         loss = preference["test_loss"]
     else:  # what the prefills read, and the rows they could not read in one pass
-        total, targets = loss_totals(loaded, split, [i for i, s in enumerate(scored) if s is None],
-                                     config.train.micro_batch_size)
+        apart = [i for i, s in enumerate(scored) if s is None and i < len(split)]
+        total, targets = loss_totals(loaded, split, apart, config.train.micro_batch_size)
         total -= sum(r.score_logprob for r in requests)
         loss = total / max(targets + sum(r.score_count for r in requests), 1)
     metrics = {**preference, "test_loss": loss, "perplexity": math.exp(min(loss, 50)),
