@@ -206,10 +206,20 @@ def _cell(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _when(rows: dict[str, dict]) -> str:
+    """When a task's rows were measured: one date, or each run's where `--runs` re-measured some."""
+    dates = {run: row.get("measured") or "before dates were kept" for run, row in rows.items()}
+    if len(set(dates.values())) == 1:
+        return next(iter(dates.values()), "never")
+    days = {date[:10] for date in dates.values()}
+    if len(days) == 1 and "before" not in next(iter(days)):
+        return f"{min(dates.values())} to {max(dates.values())}"
+    return "; ".join(f"{run} {date}" for run, date in dates.items())
+
+
 def task_lines(task: Task, rows: dict[str, dict]) -> list[str]:
-    measured = min((row.get("measured", "") for row in rows.values()), default="")
     title = (f"**{task.name}** ({task.metric}, {len(task.test)} test rows, {task.steps} steps × batch {BATCH}; "
-             f"data: {task.source}, {len(task.train)} training rows; measured {measured or 'before dates were kept'})")
+             f"data: {task.source}, {len(task.train)} training rows; measured {_when(rows)})")
     lines = [title, "",
              f"| run | {task.metric} | vs base | vs TRL defaults (share of TRL's gain) | training wall s | note |",
              "|---|---:|---:|---:|---:|---|"]
@@ -297,7 +307,8 @@ def main(argv: list[str]) -> int:
     for name in [] if args.report else args.tasks.split(","):
         task = built[name] = TASKS[name]()
         paths = write_task(task, args.work / task.name)
-        results[task.name] = {}
+        kept_rows = results.get(task.name, {})  # runs not measured this time keep their rows, in their order
+        results[task.name] = {run: kept_rows[run] for run in RUNS if run in kept_rows}
         for run in args.runs.split(","):
             row = measure(run, task, paths, args.work)
             results[task.name][run] = row

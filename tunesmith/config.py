@@ -161,7 +161,8 @@ class TrainConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="rank of the low-rank update")
     alpha: float = Field(32, gt=0, description="scale numerator: the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input (0: measured no worse "
+                           "and faster, bench/RESULTS.md 'Defaults, measured')")
     target_modules: str | list[str] = Field(
         "all-linear", description="all-linear, or a list of module names (e.g. [q_proj, v_proj])")
 
