@@ -103,3 +103,20 @@ def test_usage(cli):
     assert result.out.startswith("usage: tunesmith VERB")
     for verb in ("prepare", "finetune", "evaluate", "generate"):
         assert f"  {verb} " in result.out
+
+
+def test_bitsandbytes_advice_to_fetch_kernels_from_the_hub_is_not_shown():
+    """On a CPU with avx512_bf16, importing bitsandbytes (PEFT does, in every LoRA run) warns that it
+    could not download a 4-bit kernel; nothing here may download code, so the warning is noise."""
+    import logging
+
+    from tunesmith.cli import quiet_libraries
+
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    before = bnb_logger.level
+    try:
+        quiet_libraries()
+        assert not bnb_logger.isEnabledFor(logging.WARNING)
+        assert bnb_logger.isEnabledFor(logging.ERROR)
+    finally:
+        bnb_logger.setLevel(before)

@@ -303,3 +303,59 @@ def test_score_ids_are_read_in_the_prefill_and_leave_the_answer_as_it_was(tiny_m
     assert requests[-1].score_count == 0 and requests[-1].score_logprob == 0.0
     for request in requests:
         assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+
+
+def _decode_passes(engine, loaded, requests, monkeypatch) -> int:
+    """Run the requests together; how many decode forward passes (one column each) it took."""
+    import functools
+
+    passes = []
+    forward = loaded.model.forward
+
+    @functools.wraps(forward)
+    def counting(*args, **kwargs):
+        passes.extend([1] if kwargs["input_ids"].shape[1] == 1 else [])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    _engine_run(engine, loaded, {0: requests})
+    monkeypatch.setattr(loaded.model, "forward", forward)
+    return len(passes)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_greedy_rows_take_the_score_ids_they_agree_with_instead_of_decoding_them(tiny_models, family, monkeypatch):
+    """The reference answer read in the prefill is a draft: a greedy row takes the score ids its own
+    argmax agrees with and decodes on from the first it does not. A row whose score ids are its greedy
+    answer needs no decode pass; one that agrees on 3 tokens skips 3; the answers are generate's
+    greedy ones either way, and a sampling row is not affected."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, family)
+    vocab, new = loaded.model.config.vocab_size, 8
+    prompts = [_ids(loaded, p) for p in PROMPTS]
+    greedy = [_reference(loaded, ids, new) for ids in prompts]
+    assert all(len(answer) == new for answer in greedy)  # random tiny models: no early end of turn
+
+    def engine():
+        return Engine(loaded.model, loaded.tokenizer.pad_token_id, prefill_tokens=4096)
+
+    whole = [Request(ids, Sampling(max_new_tokens=new), score_ids=answer + [loaded.tokenizer.eos_token_id])
+             for ids, answer in zip(prompts, greedy)]
+    assert _decode_passes(engine(), loaded, whole, monkeypatch) == 0
+    assert [r.completion_ids for r in whole] == greedy
+    assert all(r.finish_reason == "length" for r in whole)
+
+    wrong = (greedy[0][3] + 1) % vocab
+    three = Request(prompts[0], Sampling(max_new_tokens=new), score_ids=greedy[0][:3] + [wrong] + greedy[0][4:])
+    assert _decode_passes(engine(), loaded, [three], monkeypatch) == new - 3 - 1  # 4 tokens from the prefill
+    assert three.completion_ids == greedy[0]
+
+    sampling = Sampling(max_new_tokens=new, temperature=1.0, seed=11)
+    plain = Request(prompts[1], sampling)
+    drafted = Request(prompts[1], sampling, score_ids=greedy[1])
+    other = Request(prompts[2], Sampling(max_new_tokens=new), score_ids=[(greedy[2][0] + 1) % vocab] + greedy[2][1:])
+    _run(loaded, [plain])
+    assert _decode_passes(engine(), loaded, [drafted, other], monkeypatch) == new - 1
+    assert drafted.completion_ids == plain.completion_ids  # sampled from the prompt's end, as without a draft
+    assert other.completion_ids == greedy[2]

@@ -187,6 +187,12 @@ def quiet_libraries() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    # PEFT imports bitsandbytes, which on a CPU with avx512_bf16 warns at import that it could not
+    # fetch a 4-bit kernel from the Hugging Face hub: advice to download code at run time, for a
+    # 4-bit path that a LoRA run never takes (and a QLoRA one runs without)
+    import logging as std_logging
+
+    std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

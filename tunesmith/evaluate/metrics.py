@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -66,12 +67,17 @@ def sentence_bleu(prediction: str, reference: str) -> float:
     return float(sacrebleu.sentence_bleu(prediction, [reference]).score)
 
 
-def rouge(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one answer, 0-1."""
+@functools.cache
+def _rouge_scorer():
+    """One scorer for every row: building it costs more than scoring a short answer."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_WordTokenizer())
-    scores = scorer.score(reference, prediction)
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_WordTokenizer())
+
+
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one answer, 0-1."""
+    scores = _rouge_scorer().score(reference, prediction)
     return {name: float(score.fmeasure) for name, score in scores.items()}
 
 

@@ -9,7 +9,9 @@ between two decode steps, and leaves it the moment it is finished:
     prefill   the newcomers' prompts, left-padded together, go through the model at most
               `prefill_tokens` tokens per step, so a long prompt never stalls the running rows;
               a request's score ids (evaluate's reference answer) ride along after its prompt:
-              their log-likelihood is read from the same pass, then their columns are masked out
+              their log-likelihood is read from the same pass; a greedy row takes as its first
+              tokens the score ids its own argmax agrees with (their keys and values are already
+              in the cache), and the columns after those are masked out
     merge     a prefilled group joins the running batch: the shorter of the two KV caches is padded
               on the left (masked out), then the rows are stacked
     decode    one forward pass feeds every running row the token it sampled last
@@ -157,7 +159,10 @@ class _Prefill:
 
     A request with score_ids has them right after its prompt: [prefix][pad..][rest][score ids]. The
     logits that predict them give their log-likelihood; the prompt's last column gives the first
-    token; once prefilled, the score columns are masked out and the answer continues the prompt."""
+    token. A plain greedy row whose argmax agrees with its first k score ids would decode exactly
+    those k tokens: it takes them at once, and its next token comes from the column after them
+    (speculative decoding, with the reference answer as the draft). Once prefilled, the score
+    columns no row took are masked out and each answer continues from where it is."""
 
     rows: list[Row]
     ids: torch.Tensor  # (rows, width), the prompts after the shared prefix (and score ids), left-padded
@@ -166,8 +171,10 @@ class _Prefill:
     skip: int = 0  # columns of the shared prefix
     done: int = 0  # columns of `ids` already in the cache
     tails: torch.Tensor | None = None  # (rows,) score ids after each prompt (None: no row has any)
-    first: torch.Tensor | None = None  # (rows, vocab) logits of each prompt's last token, once read
+    first: torch.Tensor | None = None  # (rows, vocab) logits of each row's next token, once read
     scores: _Scores | None = None
+    greedy: torch.Tensor | None = None  # (rows,) bool: plain greedy (argmax of the raw logits)
+    agreed: torch.Tensor | None = None  # (rows,) leading score ids a plain greedy row's argmax agrees with
 
 
 @dataclass
@@ -326,6 +333,8 @@ class Engine:
         if any(row.request.score_ids for row in rows):
             prefill.tails = torch.tensor([len(row.request.score_ids) for row in rows], device=self.device)
             prefill.scores = _Scores.of(rows, self.device)
+            prefill.agreed = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            prefill.greedy = torch.tensor([row.sampler.plain_greedy for row in rows], device=self.device)
         return prefill
 
     def _advance_prefill(self) -> list[Row]:
@@ -351,7 +360,8 @@ class Engine:
         group = _Group(prefill.rows, prefill.cache, self._end_of_prompts(prefill))
         if prefill.skip == 0:
             self._remember_prefix(group)
-        finished = self._take_tokens(group, prefill.first)
+        finished = self._take_agreed(prefill)
+        finished += self._take_tokens(group, prefill.first)
         kept = [slot for slot, row in enumerate(group.rows) if not row.done]
         if kept:
             group = group if len(kept) == len(group.rows) else _select(group, kept)
@@ -380,8 +390,7 @@ class Engine:
         last_prompt_column = width - 1 - tails  # (rows,)
         for offset in range(kept):
             predicts = (end - kept + offset) - last_prompt_column  # (rows,): the score id this column predicts
-            at_prompt_end = (predicts == 0).nonzero().flatten()
-            prefill.first[at_prompt_end] = logits[at_prompt_end, offset]
+            Engine._agree(prefill, logits[:, offset], predicts)
             scoring = ((predicts >= 0) & (predicts < tails)).nonzero().flatten()
             if len(scoring):
                 which = predicts[scoring]
@@ -392,15 +401,47 @@ class Engine:
                 prefill.scores.count[scoring] += counted.long()
 
     @staticmethod
+    def _agree(prefill: _Prefill, logits: torch.Tensor, predicts: torch.Tensor) -> None:
+        """Each row's next-token logits are those of the column after what it has taken: its prompt's
+        end, or for a plain greedy row, the last of the score ids its argmax has agreed with so far."""
+        taken = torch.where(prefill.greedy, prefill.agreed, 0)
+        here = (predicts == taken).nonzero().flatten()
+        prefill.first[here] = logits[here]
+        checks = here[prefill.greedy[here] & (predicts[here] < prefill.tails[here])]
+        if len(checks):
+            agrees = logits[checks].argmax(-1) == prefill.scores.targets[checks, predicts[checks]]
+            prefill.agreed[checks[agrees]] += 1
+
+    @staticmethod
     def _end_of_prompts(prefill: _Prefill) -> torch.Tensor:
-        """The mask the answers continue from: score columns handed to their requests and masked out."""
+        """The mask the answers continue from: the score ids' log-likelihood handed to their requests,
+        the score columns after those each row takes masked out."""
         if prefill.tails is None:
             return prefill.mask
         for row, logprob, count in zip(prefill.rows, prefill.scores.logprob.tolist(), prefill.scores.count.tolist()):
             row.request.score_logprob, row.request.score_count = logprob, count
         width = prefill.mask.shape[1]
         columns = torch.arange(width, device=prefill.mask.device)[None, :]  # (1, width)
-        return prefill.mask * (columns < (width - prefill.tails)[:, None])
+        return prefill.mask * (columns < (width - prefill.tails + prefill.agreed)[:, None])
+
+    @staticmethod
+    def _take_agreed(prefill: _Prefill) -> list[Row]:
+        """Greedy rows take the score ids their argmax agreed with, as decoding would have; the rows
+        this finishes (an end of turn among them, a stop string, max_new_tokens)."""
+        if prefill.agreed is None:
+            return []
+        finished = []
+        for row, count in zip(prefill.rows, prefill.agreed.tolist()):
+            try:
+                for token in row.request.score_ids[:count]:
+                    row.take(token)
+                    if row.done:
+                        break
+            except Exception as err:  # noqa: BLE001 — this request's own failure (e.g. its text callback)
+                row.fail(err)
+            if row.done:
+                finished.append(row)
+        return finished
 
     def _remember_prefix(self, group: _Group) -> None:
         """Keep the keys and values of what these prompts (and the one before) begin with, when it is
@@ -477,6 +518,8 @@ class Engine:
         """Each row takes its next token; an error in one row's sampling or callback fails that row."""
         finished = []
         for row, token in zip(group.rows, choose_tokens(group.rows, logits)):
+            if row.done:  # finished by the score ids it took (see _take_agreed)
+                continue
             try:
                 if isinstance(token, Exception):
                     raise token
