@@ -359,3 +359,21 @@ def test_greedy_rows_take_the_score_ids_they_agree_with_instead_of_decoding_them
     assert _decode_passes(engine(), loaded, [drafted, other], monkeypatch) == new - 1
     assert drafted.completion_ids == plain.completion_ids  # sampled from the prompt's end, as without a draft
     assert other.completion_ids == greedy[2]
+
+
+def test_a_step_records_nothing_for_autograd(tiny_models):
+    """The server steps the engine from its own thread, outside any no_grad: the passes must still
+    keep no graph (the model's weights require grad; the cache is written in place every step)."""
+    from tunesmith.infer.engine import Engine, _layers
+
+    loaded = _loaded(tiny_models, "qwen2")
+    assert any(p.requires_grad for p in loaded.model.parameters())
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    requests = [Request(_ids(loaded, p), Sampling(max_new_tokens=4)) for p in PROMPTS]
+    for request in requests:
+        engine.admit(request, loaded.tokenizer, stop_token_ids(loaded))
+    engine.step()
+    engine.step()
+    assert engine.running is not None
+    for keys, values in _layers(engine.running.cache):
+        assert not keys.requires_grad and keys.grad_fn is None and values.grad_fn is None

@@ -71,14 +71,35 @@ def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], used: int | None = None):
+    """A cache of these keys and values (copied into buffers with spare room); with `used`, the
+    layers are such buffers already (see _buffers), of which the first `used` columns are taken as
+    they are, without a copy."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     cache.layer_class_to_replicate = _growing_layer()
     for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
+        if used is None:
+            cache.update(keys, values, index)
+            continue
+        layer = cache.layer_class_to_replicate()
+        layer.lazy_initialization(keys, values)
+        layer.buffers = keys, values
+        layer.keys, layer.values = keys[:, :, :used], values[:, :, :used]
+        cache.layers.append(layer)
     return cache
+
+
+def _room(needed: int) -> int:
+    """Columns a cache buffer holding `needed` gets: half as many again to grow into, at least 16."""
+    return needed + max(needed // 2, 16)
+
+
+def _buffers(like: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty keys and values buffers of `rows` rows with room to grow past `width` columns."""
+    shape = (rows, like.shape[1], _room(width), like.shape[3])
+    return like.new_empty(shape), like.new_empty(shape)
 
 
 @functools.cache
@@ -98,7 +119,7 @@ def _growing_layer():
             needed = used + key_states.shape[-2]
             ours = self.buffers is not None and self.keys.data_ptr() == self.buffers[0].data_ptr()
             if not ours or self.buffers[0].shape[-2] < needed:  # (not ours: keys replaced from outside)
-                room = (*key_states.shape[:2], needed + max(needed // 2, 16), key_states.shape[-1])
+                room = (*key_states.shape[:2], _room(needed), key_states.shape[-1])
                 buffers = key_states.new_empty(room), value_states.new_empty(room)
                 if used:
                     buffers[0][:, :, :used], buffers[1][:, :, :used] = self.keys, self.values
@@ -129,8 +150,14 @@ def _select(group: _Group, slots: list[int]) -> _Group:
     index = torch.tensor(slots, device=group.mask.device)
     mask = group.mask[index]  # (kept, width)
     start = int(mask.any(0).long().argmax())  # the first column some kept row uses
-    layers = [(keys[index, :, start:], values[index, :, start:]) for keys, values in _layers(group.cache)]
-    return _Group([group.rows[slot] for slot in slots], _cache(layers), mask[:, start:])
+    width = group.width - start
+    layers = []
+    for keys, values in _layers(group.cache):  # each written once, straight into its new buffer
+        into = _buffers(keys, len(slots), width)
+        torch.index_select(keys[:, :, start:], 0, index, out=into[0][:, :, :width])
+        torch.index_select(values[:, :, start:], 0, index, out=into[1][:, :, :width])
+        layers.append(into)
+    return _Group([group.rows[slot] for slot in slots], _cache(layers, used=width), mask[:, start:])
 
 
 def _merge(groups: list[_Group]) -> _Group:
@@ -140,10 +167,18 @@ def _merge(groups: list[_Group]) -> _Group:
     width = max(g.width for g in groups)
     pads = [width - g.width for g in groups]
     mask = torch.cat([F.pad(g.mask, (pad, 0)) for g, pad in zip(groups, pads)])  # (rows, width)
-    per_layer = zip(*[_layers(g.cache) for g in groups])
-    layers = [(torch.cat([F.pad(k, (0, 0, pad, 0)) for (k, _), pad in zip(kv, pads)]),
-               torch.cat([F.pad(v, (0, 0, pad, 0)) for (_, v), pad in zip(kv, pads)])) for kv in per_layer]
-    return _Group([row for g in groups for row in g.rows], _cache(layers), mask)
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g.rows))
+    layers = []
+    for kv in zip(*[_layers(g.cache) for g in groups]):  # each group's rows written once into the buffer
+        into = _buffers(kv[0][0], starts[-1], width)
+        for (keys, values), pad, first, end in zip(kv, pads, starts, starts[1:]):
+            for buffer, part in zip(into, (keys, values)):
+                buffer[first:end, :, :pad] = 0  # masked out, but must not be NaN: 0 x NaN is NaN
+                buffer[first:end, :, pad:width] = part
+        layers.append(into)
+    return _Group([row for g in groups for row in g.rows], _cache(layers, used=width), mask)
 
 
 def _crop(group: _Group) -> None:
@@ -257,7 +292,8 @@ class Engine:
             request.error, request.finish_reason = err, "error"
             self.refused.append(request)
 
-    def step(self) -> list[Request]:
+    @torch.inference_mode()  # the server steps from its own thread: without this, autograd recorded
+    def step(self) -> list[Request]:  # every pass and chained the cache's in-place writes into one graph
         refused, self.refused = self.refused, []
         finished: list[Row] = []
         if self.pending and not self.prefills:
