@@ -377,3 +377,21 @@ def test_a_step_records_nothing_for_autograd(tiny_models):
     assert engine.running is not None
     for keys, values in _layers(engine.running.cache):
         assert not keys.requires_grad and keys.grad_fn is None and values.grad_fn is None
+
+
+def test_models_loaded_to_generate_keep_their_linear_weights_column_major(tiny_models):
+    """A decode step multiplies a few rows by each weight, which MKL does faster from a column-major
+    weight: the loaders for generation store them so (same values, same logits); export's loader,
+    whose model is saved, keeps the saved layout."""
+    from tunesmith.infer.generate import load_base
+
+    for family in ("qwen2", "gpt2"):
+        loaded = _loaded(tiny_models, family)
+        saved = load_base(str(tiny_models(family)), device="cpu", precision="fp32", for_saving=True)
+        linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+        assert all(p.is_contiguous() for p in saved.model.parameters())
+        ids = torch.tensor([_ids(loaded, p)[:5] for p in PROMPTS])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, saved.model(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)

@@ -96,9 +96,9 @@ def load_source(source: Path) -> Source:
     config_dir, folder, run_config = model_config_dir(source)
     check_architecture(config_dir)
     if folder is None:
-        loaded = load_base(str(source), device="cpu", precision="fp32")
+        loaded = load_base(str(source), device="cpu", precision="fp32", for_saving=True)
         return Source(loaded, source.name, None, source, None)
-    loaded = load_run(source, device="cpu", precision="fp32")
+    loaded = load_run(source, device="cpu", precision="fp32", for_saving=True)
     run_dir = source if folder != source else folder.parent
     name = run_dir.name if folder.name in ("best", "final") or folder == source else folder.name
     base = config_dir if config_dir != folder else base_dir(run_config)
