@@ -79,9 +79,16 @@ def replicate(model) -> torch.nn.Module:
 
 
 def _summed(state, bucket):
-    """DDP's communication hook: all-reduce a bucket of gradients as a sum."""
-    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
-    return work.get_future().then(lambda done: done.value()[0])
+    """DDP's communication hook: all-reduce a bucket of gradients as a sum. The reduction is waited
+    for here and the result handed back in a finished future: a Python callback chained on gloo's
+    future (`.then`) is released in gloo's own thread, which needs the GIL for it; when the process
+    group was destroyed at that moment (the end of a run, with the GIL held), the two threads waited
+    for each other for ever (seen in the suite). On CUDA, NCCL still queues the reduction on its
+    stream and the host does not wait for the GPU."""
+    dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM)
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
 
 
 def has_experts(hf_config) -> bool:
