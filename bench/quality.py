@@ -208,13 +208,13 @@ def _cell(value, digits: int = 3) -> str:
 
 def _when(rows: dict[str, dict]) -> str:
     """When a task's rows were measured: one date, or each run's where `--runs` re-measured some."""
-    dates = {run: row.get("measured") or "before dates were kept" for run, row in rows.items()}
-    if len(set(dates.values())) == 1:
-        return next(iter(dates.values()), "never")
-    days = {date[:10] for date in dates.values()}
-    if len(days) == 1 and "before" not in next(iter(days)):
-        return f"{min(dates.values())} to {max(dates.values())}"
-    return "; ".join(f"{run} {date}" for run, date in dates.items())
+    dates = {run: row.get("measured") for run, row in rows.items()}
+    known = {date for date in dates.values() if date}
+    if not known:
+        return "before dates were kept"
+    if len(known) == len(set(dates.values())):  # every row dated
+        return min(known) if len(known) == 1 else f"{min(known)} to {max(known)}"
+    return "; ".join(f"{run} {date or 'before dates were kept'}" for run, date in dates.items())
 
 
 def task_lines(task: Task, rows: dict[str, dict]) -> list[str]:

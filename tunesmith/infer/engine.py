@@ -442,11 +442,12 @@ class Engine:
         end, or for a plain greedy row, the last of the score ids its argmax has agreed with so far."""
         taken = torch.where(prefill.greedy, prefill.agreed, 0)
         here = (predicts == taken).nonzero().flatten()
-        prefill.first[here] = logits[here]
         checks = here[prefill.greedy[here] & (predicts[here] < prefill.tails[here])]
         if len(checks):
             agrees = logits[checks].argmax(-1) == prefill.scores.targets[checks, predicts[checks]]
-            prefill.agreed[checks[agrees]] += 1
+            prefill.agreed[checks[agrees]] += 1  # these take the score id: their next logits come later
+            here = here[~torch.isin(here, checks[agrees])]
+        prefill.first[here] = logits[here]  # copied once per row, where its own tokens end
 
     @staticmethod
     def _end_of_prompts(prefill: _Prefill) -> torch.Tensor:
