@@ -395,3 +395,63 @@ def test_models_loaded_to_generate_keep_their_linear_weights_column_major(tiny_m
         with torch.no_grad():
             torch.testing.assert_close(loaded.model(input_ids=ids).logits, saved.model(input_ids=ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_padded_prefill_attends_grouped_heads_without_repeating_their_keys(tiny_models, family, monkeypatch):
+    """Prompts of different lengths prefill together behind a padding mask: the CPU's SDPA kernel
+    reads each key/value head for its group of query heads (no repeat_kv copy), with the same
+    logits as transformers' own SDPA path, and the same greedy answers as generate."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from tunesmith.infer.attention import grouped_query_attention
+
+    loaded = _loaded(tiny_models, family)
+    config = loaded.model.config
+    assert config.num_key_value_heads < config.num_attention_heads and config._attn_implementation == "sdpa"
+    repeated = []
+    repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *args: repeated.append(args[0].shape) or repeat_kv(*args))
+    requests = _run(loaded, [Request(_ids(loaded, p), Sampling(max_new_tokens=6)) for p in PROMPTS])
+    assert repeated == []
+    for request in requests:
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+    ids = [_ids(loaded, p) for p in PROMPTS]
+    width = max(map(len, ids))
+    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = loaded.model(input_ids=batch, attention_mask=mask, position_ids=positions).logits
+        assert len(repeated) == 2 * config.num_hidden_layers  # transformers' path copies them: the probe sees it
+        with grouped_query_attention(loaded.model):
+            logits = loaded.model(input_ids=batch, attention_mask=mask, position_ids=positions).logits
+        assert len(repeated) == 2 * config.num_hidden_layers
+    assert config._attn_implementation == "sdpa"  # switched back after the pass
+    real = mask.bool()
+    assert torch.allclose(logits[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_finished_rows_stay_in_the_batch_until_a_quarter_of_it_has_finished(tiny_models):
+    """Dropping a row copies every other row's cache: one of eight finishing early is fed (and
+    ignored) a few more steps; once a quarter of the rows have finished they are dropped together.
+    No answer changes, and the engine counts only the rows still answering."""
+    from tunesmith.infer.engine import Engine, _layers
+
+    loaded = _loaded(tiny_models, "qwen2")
+    ids = _ids(loaded, PROMPTS[1])
+    limits = [3, 5, 12, 12, 12, 12, 12, 12]
+    requests = [Request(list(ids), Sampling(max_new_tokens=n)) for n in limits]
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    for request in requests:
+        engine.admit(request, loaded.tokenizer, stop_token_ids(loaded))
+    seen = []  # (requests still answering, rows in the cache) after each step
+    while engine.busy:
+        engine.step()
+        if engine.running is not None:
+            seen.append((engine.size, _layers(engine.running.cache)[0][0].shape[0]))
+    assert (7, 8) in seen  # the first to finish stayed in the cache
+    assert (6, 6) in seen and (6, 8) not in seen  # with the second (a quarter), both left at once
+    expected = _reference(loaded, ids, 12)
+    for request, limit in zip(requests, limits):
+        assert request.completion_ids == expected[:limit] and request.finish_reason == "length"

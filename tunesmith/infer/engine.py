@@ -16,13 +16,16 @@ between two decode steps, and leaves it the moment it is finished:
               on the left (masked out), then the rows are stacked
     decode    one forward pass feeds every running row the token it sampled last
     leave     a finished row (end of turn, stop string, max_new_tokens, context full, cancelled, or
-              an error of its own) is dropped from the cache at once, with the left columns that no
-              remaining row uses
+              an error of its own) is handed back at once; its keys and values are dropped, with the
+              left columns no remaining row uses, when newcomers join or a quarter of the rows have
+              finished (until then it is fed padding and its output ignored: dropping copies the cache)
 
 The KV cache is one transformers DynamicCache, right-aligned: the newest token of every row is in
 the last column, and the attention mask says which columns each row really has. Positions come
-from the mask, so padding never shifts a row. Text is produced incrementally (the tokenizers
-library's DecodeStream), never by decoding the whole answer again at every token.
+from the mask, so padding never shifts a row. On a CPU, multi-token passes attend grouped
+key/value heads without copying them per query head (attention.py). Text is produced
+incrementally (the tokenizers library's DecodeStream), never by decoding the whole answer again
+at every token.
 
 Isolation: what belongs to one request (its sampler, its seed, its callbacks) can fail that
 request only. A forward pass that raises is undone and retried on halves of the batch until the row
@@ -43,12 +46,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tunesmith.infer.attention import grouped_query_attention
+
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
 
 # Prompts that begin alike (a chat template's system block) share the keys and values of that
 # beginning once it is at least this many tokens: a newcomer's prefill starts after it
 MIN_SHARED_PREFIX = 16
+# A finished row stays in the running batch (fed, its output ignored) until this share of the rows
+# has finished or newcomers join: dropping rows copies every remaining row's keys and values, which
+# costs more than feeding a few finished rows for a few more steps (evaluate's 240 rows: 60 MB per
+# layer per copy)
+COMPACT_SHARE = 0.25
 # Rows x columns of logits one prefill step keeps where score ids are read (each a vocabulary of
 # floats: 1024 x 49k fp32 = 200 MB); more columns wait for the next step
 MAX_SCORED_LOGITS = 1024
@@ -181,6 +191,12 @@ def _merge(groups: list[_Group]) -> _Group:
     return _Group([row for g in groups for row in g.rows], _cache(layers, used=width), mask)
 
 
+def _live(group: _Group) -> _Group:
+    """The group without its finished rows."""
+    live = [slot for slot, row in enumerate(group.rows) if not row.done]
+    return group if len(live) == len(group.rows) else _select(group, live)
+
+
 def _crop(group: _Group) -> None:
     """Undo a forward pass that failed half-way: layers that took a new column give it back."""
     group.cache = _cache([(k[:, :, :group.width], v[:, :, :group.width]) for k, v in _layers(group.cache)])
@@ -275,7 +291,7 @@ class Engine:
     @property
     def size(self) -> int:
         """Requests in the engine: waiting for prefill, prefilling, or decoding."""
-        running = len(self.running.rows) if self.running else 0
+        running = sum(not row.done for row in self.running.rows) if self.running else 0
         return len(self.pending) + sum(len(p.rows) for p in self.prefills) + running
 
     @property
@@ -309,6 +325,7 @@ class Engine:
     def abort(self, error: Exception) -> list[Request]:
         """Fail every request still in the engine (the server is stopping)."""
         rows = self.pending + [r for p in self.prefills for r in p.rows] + (self.running.rows if self.running else [])
+        rows = [row for row in rows if not row.done]
         for row in rows:
             row.fail(error)
         self.pending, self.prefills, self.running = [], deque(), None
@@ -363,15 +380,26 @@ class Engine:
         for index, rest in enumerate(rests):
             ids[index, width - len(rest):] = torch.tensor(rest)
             mask[index, skip + width - len(rest):] = 1
-        layers = [] if prefix is None else [(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
-                                            for k, v in prefix.layers]
-        prefill = _Prefill(rows, ids.to(self.device), mask.to(self.device), _cache(layers), skip)
+        prefill = _Prefill(rows, ids.to(self.device), mask.to(self.device), self._prefix_cache(prefix, rows, width), skip)
         if any(row.request.score_ids for row in rows):
             prefill.tails = torch.tensor([len(row.request.score_ids) for row in rows], device=self.device)
             prefill.scores = _Scores.of(rows, self.device)
             prefill.agreed = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             prefill.greedy = torch.tensor([row.sampler.plain_greedy for row in rows], device=self.device)
         return prefill
+
+    @staticmethod
+    def _prefix_cache(prefix: _Prefix | None, rows: list[Row], width: int):
+        """A cache holding the shared prefix for every row, in buffers with room for the prompts'
+        `width` columns and then some answer tokens, so that prefilling does not grow them."""
+        if prefix is None:
+            return _cache([])
+        layers = []
+        for keys, values in prefix.layers:
+            into = _buffers(keys, len(rows), len(prefix.ids) + width)
+            into[0][:, :, :len(prefix.ids)], into[1][:, :, :len(prefix.ids)] = keys, values
+            layers.append(into)
+        return _cache(layers, used=len(prefix.ids))
 
     def _advance_prefill(self) -> list[Row]:
         """The next chunk of the oldest prefill; when its prompts are all in, the first tokens are
@@ -401,7 +429,7 @@ class Engine:
         kept = [slot for slot, row in enumerate(group.rows) if not row.done]
         if kept:
             group = group if len(kept) == len(group.rows) else _select(group, kept)
-            self.running = _merge([self.running, group]) if self.running is not None else group
+            self.running = _merge([_live(self.running), group]) if self.running is not None else group
         return finished
 
     def _chunk_end(self, prefill: _Prefill) -> tuple[int, int]:
@@ -518,21 +546,26 @@ class Engine:
             self.running = None
             return finished
         group = _merge(groups)  # after a failure: the halves that went on, together again
-        kept = [slot for slot, row in enumerate(rows) if not row.done]
-        self.running = (group if len(kept) == len(rows) else _select(group, kept)) if kept else None
+        finished_share = sum(row.done for row in rows) / len(rows)
+        self.running = None if finished_share == 1 else _live(group) if finished_share >= COMPACT_SHARE else group
         return finished
 
     def _feed(self, group: _Group) -> tuple[list[tuple[_Group, torch.Tensor]], list[Row]]:
         """One decode forward pass of `group`: [(group, logits (rows, vocab))] and the rows that failed.
         When the pass raises, it is undone and the halves are fed apart, down to the row that fails."""
-        tokens = torch.tensor([[row.next_token] for row in group.rows], device=self.device)  # (rows, 1)
+        tokens = torch.tensor([[self.pad_id if row.done else row.next_token] for row in group.rows],
+                              device=self.device)  # (rows, 1); a finished row's output is ignored
         positions = group.mask.sum(-1, keepdim=True)  # (rows, 1): real tokens before this one
+        if self.max_positions:  # a finished row still fed may be past the model's context; its output is ignored
+            positions = positions.clamp(max=self.max_positions - 1)
         mask = torch.cat([group.mask, group.mask.new_ones((len(group.rows), 1))], dim=1)
         try:
             logits = self._forward(group.rows, tokens, mask, positions, group.cache)[:, -1]
         except Exception as err:  # noqa: BLE001 — find the offending row; the others must go on
             _crop(group)
             if len(group.rows) == 1:
+                if group.rows[0].done:  # finished already (handed back then): just dropped
+                    return [], []
                 group.rows[0].fail(err)
                 return [], group.rows
             half = len(group.rows) // 2
@@ -547,16 +580,17 @@ class Engine:
         """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns."""
         per_row = {"adapter_names": [row.adapter_name for row in rows]} if self.mixed_adapters else {}
         limit = {"logits_to_keep": keep} if self.keep_last else {}
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, **limit, **per_row)
+        with grouped_query_attention(self.model):
+            output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, **limit, **per_row)
         return output.logits[:, -keep:, :].float()
 
     def _take_tokens(self, group: _Group, logits: torch.Tensor) -> list[Row]:
         """Each row takes its next token; an error in one row's sampling or callback fails that row."""
         finished = []
-        for row, token in zip(group.rows, choose_tokens(group.rows, logits)):
-            if row.done:  # finished by the score ids it took (see _take_agreed)
-                continue
+        live = [slot for slot, row in enumerate(group.rows) if not row.done]  # finished earlier, or by the
+        rows = [group.rows[slot] for slot in live]  # score ids it took (see _take_agreed)
+        for row, token in zip(rows, choose_tokens(rows, logits if len(live) == len(group.rows) else logits[live])):
             try:
                 if isinstance(token, Exception):
                     raise token
