@@ -12,7 +12,7 @@ import pytest
 from tiny import CHAT_TEMPLATE
 
 from tunesmith.data.formats import Example, to_example
-from tunesmith.data.templates import ALPACA_HEAD, ALPACA_HEAD_INPUT, Encoder, choose, pieces, prompt_text
+from tunesmith.data.templates import ALPACA_HEAD, ALPACA_HEAD_INPUT, Encoder, choose, pieces, prompt_of, prompt_text
 from tunesmith.errors import ConfigError, DataError
 
 
@@ -122,6 +122,23 @@ def test_training_prompt_is_tokenized_as_generation_does(tokenizer, spec):
     prompt_ids = Encoder(tokenizer).encode_prompt(prompt_text(template, QA_ROW, tokenizer))
     assert ids[: len(prompt_ids)] == prompt_ids
     assert not any(supervised[: len(prompt_ids)]) and all(supervised[len(prompt_ids):])
+
+
+@pytest.mark.parametrize(("spec", "row"), [(spec, row) for spec in ("chat", "alpaca", "qa", "Q: {prompt}\nA: ")
+                                           for row in (QA_ROW, ALPACA_ROW, MULTI_TURN)
+                                           if spec == "chat" or row is not MULTI_TURN])  # single-turn ones refuse it
+def test_the_pieces_before_the_final_answer_are_the_generation_prompt(tokenizer, spec, row):
+    """prepare takes each row's prompt from its pieces instead of rendering the template again."""
+    template = choose(spec, tokenizer, "Be brief." if spec == "chat" else None)
+    assert prompt_of(pieces(template, row, tokenizer)) == prompt_text(template, row, tokenizer)
+
+
+def test_examples_tokenized_together_equal_each_alone(tokenizer):
+    template, encoder = choose("chat", tokenizer), Encoder(tokenizer)
+    rows = [QA_ROW, ALPACA_ROW, MULTI_TURN]
+    together = encoder.encode_many([pieces(template, row, tokenizer) for row in rows])
+    alone = [encoder.encode(pieces(template, row, tokenizer)) for row in rows]
+    assert together == alone and len({len(ids) for ids, _ in together}) == 3
 
 
 def test_plain_chat_fallback_template(plain_tokenizer):

@@ -144,17 +144,26 @@ class Index:
         estimate = (self.signatures[rows] == signatures[None]).mean(axis=2).min(axis=1)  # (n_found,)
         return sorted(rows[estimate >= self.threshold - 0.25].tolist())
 
+    def state(self, example: Example, key: str | None = None) -> tuple:
+        """What `add` records of a row: its exact key, and with a threshold its shingles, signatures
+        and band keys."""
+        key = exact_key(example) if key is None else key
+        if not self.threshold:
+            return key, None
+        prompt, response = fields(example)
+        signatures = np.stack([self.hasher.signature(prompt), self.hasher.signature(response)])  # (2, perms)
+        keys = (self._band_keys(signatures[0]), self._band_keys(signatures[1]))
+        return key, (prompt, response, signatures, keys)
+
     def find(self, example: Example) -> tuple[Match | None, tuple]:
         """(match or None, state to pass to add)."""
         key = exact_key(example)
         if self.exact and key in self.keys:
             return Match(-1, self.keys[key], "exact", 1.0), (key, None)
-        if not self.threshold:
-            return None, (key, None)
-        prompt, response = fields(example)
-        signatures = np.stack([self.hasher.signature(prompt), self.hasher.signature(response)])  # (2, perms)
-        keys = (self._band_keys(signatures[0]), self._band_keys(signatures[1]))
-        state = (key, (prompt, response, signatures, keys))
+        state = self.state(example, key)
+        if state[1] is None:
+            return None, state
+        prompt, response, signatures, keys = state[1]
         for j in self._candidates(keys, signatures):
             other_prompt, other_response = self.shingles[j]
             similarity = min(jaccard(prompt, other_prompt), jaccard(response, other_response))
@@ -196,13 +205,18 @@ def deduplicate(examples: list[Example], exact: bool, threshold: float | None
     return kept, removed
 
 
-def overlaps(reference: list[Example], queries: list[Example], threshold: float | None) -> list[Match]:
-    """Rows of `queries` that exactly or nearly duplicate a row of `reference` (the leakage check)."""
-    if not reference or not queries:
-        return []
+def reference_index(reference: list[Example], threshold: float | None) -> Index:
+    """The rows other rows are checked against (the leakage check's train split), built once."""
     index = Index(threshold, exact=True)
     for i, example in enumerate(reference):
-        index.add(i, index.find(example)[1])
+        index.add(i, index.state(example))
+    return index
+
+
+def overlaps(index: Index, queries: list[Example]) -> list[Match]:
+    """Rows of `queries` that exactly or nearly duplicate a row of the index's reference rows."""
+    if not index.keys or not queries:
+        return []
     matches = []
     for i, example in enumerate(queries):
         match, _ = index.find(example)

@@ -129,9 +129,10 @@ def _fold(rows: list[int], k: int, fold: int, path) -> tuple[list[int], list[int
 def _check_leakage(gathered: Gathered, settings) -> None:
     """Val/test rows that repeat a train row make evaluation flatter than the truth."""
     train = gathered.examples["train"]
+    index = dedup.reference_index(train, settings.near_dup_threshold) if train else None
     for name in ("val", "test"):
         rows = gathered.examples[name]
-        matches = dedup.overlaps(train, rows, settings.near_dup_threshold)
+        matches = dedup.overlaps(index, rows) if index is not None else []
         samples = [{"where": rows[m.index].where, "repeats": train[m.of].where, "kind": m.kind,
                     "similarity": round(m.similarity, 3), "text": clean.excerpt(rows[m.index].reference)}
                    for m in matches[:clean.SAMPLES_PER_STEP]]

@@ -21,7 +21,7 @@ from tunesmith.data.dataset import TokenizedSplit, read_rows, write_rows
 from tunesmith.data.formats import Example
 from tunesmith.data.gather import Gathered, gather
 from tunesmith.data.pairs import check_format, tokenize_preference
-from tunesmith.data.templates import Encoder, Template, choose, pieces, prompt_text
+from tunesmith.data.templates import Encoder, Template, choose, pieces, prompt_of
 from tunesmith.data.text import pack_documents, within_length_limits
 from tunesmith.errors import DataError
 from tunesmith.log import say
@@ -186,8 +186,7 @@ def tokenize(examples: list[Example], template: Template, encoder: Encoder, toke
     ids_list, sup_list, rows = [], [], []
     stats = {"rows": len(examples), "examples": 0, "truncated": 0, "dropped_no_response": 0,
              "too_short": 0, "too_long": 0, "tokens": 0, "supervised_tokens": 0}
-    for example in examples:
-        ids, supervised = encoder.encode(pieces(template, example, tokenizer), mask_prompt)
+    for example, parts, (ids, supervised) in _encoded(examples, template, encoder, tokenizer, mask_prompt):
         if not within_length_limits(len(ids), min_tokens, max_tokens, stats):
             continue
         if len(ids) > max_seq_length:
@@ -201,10 +200,21 @@ def tokenize(examples: list[Example], template: Template, encoder: Encoder, toke
         stats["examples"] += 1
         stats["tokens"] += len(ids)
         stats["supervised_tokens"] += sum(supervised)
-        rows.append({"where": example.where, "prompt": prompt_text(template, example, tokenizer),
+        rows.append({"where": example.where, "prompt": prompt_of(parts),
                      "messages": example.prompt_messages, "reference": example.reference,
                      "extra": example.extra})
     return TokenizedSplit.from_lists(ids_list, sup_list), rows, stats
+
+
+ENCODE_BATCH = 1024  # examples whose pieces go to the tokenizer in one call
+
+
+def _encoded(examples: list[Example], template: Template, encoder: Encoder, tokenizer, mask_prompt: bool):
+    """(example, its pieces, (ids, supervised)) for each example, tokenized a batch at a time."""
+    for start in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[start:start + ENCODE_BATCH]
+        parts = [pieces(template, example, tokenizer) for example in batch]
+        yield from zip(batch, parts, encoder.encode_many(parts, mask_prompt))
 
 
 def summary_lines(prepared: Prepared) -> list[str]:

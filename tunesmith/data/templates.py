@@ -138,6 +138,12 @@ def pieces(template: Template, example: Example, tokenizer) -> list[tuple[str, b
     return [(text, supervised) for text, supervised in out if text]
 
 
+def prompt_of(parts: list[tuple[str, bool]]) -> str:
+    """The text before the final answer of `pieces`' output: what prompt_text renders, without
+    rendering the template again."""
+    return "".join(text for text, _ in parts[:-1])
+
+
 class Encoder:
     """Tokenizes pieces; adds the tokenizer's own leading tokens (e.g. BOS) once, where it would."""
 
@@ -158,13 +164,24 @@ class Encoder:
         return list(self.lead)
 
     def encode(self, parts: list[tuple[str, bool]], mask_prompt: bool = True) -> tuple[list[int], list[bool]]:
-        ids, supervised = self._lead_for(parts[0][0]), []
-        supervised = [not mask_prompt] * len(ids)
-        for text, is_response in parts:
-            piece = self._ids(text)
-            ids += piece
-            supervised += [is_response or not mask_prompt] * len(piece)
-        return ids, supervised
+        return self.encode_many([parts], mask_prompt)[0]
+
+    def encode_many(self, examples: list[list[tuple[str, bool]]], mask_prompt: bool = True
+                    ) -> list[tuple[list[int], list[bool]]]:
+        """`encode` of each example's pieces; every piece of them in one call to the tokenizer (its
+        Rust side then does the work, not a Python call per piece)."""
+        texts = [text for parts in examples for text, _ in parts]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        out = []
+        for parts in examples:
+            ids = self._lead_for(parts[0][0])
+            supervised = [not mask_prompt] * len(ids)
+            for _, is_response in parts:
+                piece = next(encoded)
+                ids += piece
+                supervised += [is_response or not mask_prompt] * len(piece)
+            out.append((ids, supervised))
+        return out
 
     def encode_prompt(self, text: str) -> list[int]:
         return self._lead_for(text) + self._ids(text)
