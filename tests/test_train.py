@@ -267,6 +267,15 @@ class Info(ctypes.Structure):
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "compact":
     assert memory.return_freed_memory_to_os()
+if sys.argv[1] == "keep":
+    assert memory.keep_freed_memory()
+if sys.argv[-1] == "keep":  # what generation allocates: a 24 MiB block, freed, with a trim due after it
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(24 << 20)
+    mapped = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    print(mapped, libc.mallinfo2().fordblks >= 24 << 20)
+    sys.exit()
 libc.free(libc.malloc(1 << 20))  # glibc raises its mmap threshold past this size, unless pinned
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(1 << 20)
@@ -286,6 +295,37 @@ def test_compact_memory_serves_large_blocks_from_memory_the_os_gets_back():
     mapped = {mode: int(subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("compact", "default")}
     assert mapped["compact"] >= 1 << 20 and mapped["default"] == 0, mapped
+
+
+def test_generation_keeps_large_freed_blocks_for_the_next_pass_unless_training_compacts():
+    """keep_freed_memory: a 24 MiB block comes from glibc's heap (not a fresh mmap) and stays there
+    once freed; by default it is mapped afresh; after return_freed_memory_to_os it is refused."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    run = [sys.executable, "-c", MALLOC_PROBE]
+    kept = subprocess.run([*run, "keep", "keep"], capture_output=True, text=True, check=True).stdout.split()
+    default = subprocess.run([*run, "default", "keep"], capture_output=True, text=True, check=True).stdout.split()
+    assert kept == ["0", "True"] and int(default[0]) >= 24 << 20, (kept, default)
+    after_compact = ("from tunesmith.train import memory; assert memory.return_freed_memory_to_os(); "
+                     "assert not memory.keep_freed_memory()")
+    refused = subprocess.run([sys.executable, "-c", after_compact], capture_output=True, text=True)
+    assert refused.returncode == 0, refused.stderr
+
+
+def test_the_engine_keeps_freed_memory_on_a_cpu(tiny_models, monkeypatch):
+    from tunesmith.infer.engine import Engine
+    from tunesmith.infer.generate import load_base
+    from tunesmith.train import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    loaded = load_base(str(tiny_models("llama")), device="cpu", precision="fp32")
+    Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("compact", [False, True])

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.infer.attention import grouped_query_attention
+from tunesmith.train import memory
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
@@ -287,6 +288,8 @@ class Engine:
         self.prefixes: dict[str | None, _Prefix] = {}  # per adapter: the shared beginning of prompts
         self.last_prompt: dict[str | None, list[int]] = {}  # per adapter: the latest prompt prefilled whole
         self.refused: list[Request] = []  # failed at admission, handed back by the next step
+        if self.device.type == "cpu":
+            memory.keep_freed_memory()  # a pass's large blocks are reused, not faulted in afresh each pass
 
     @property
     def size(self) -> int:
