@@ -42,6 +42,30 @@ def test_rouge_counts_words_of_any_script():
     assert rouge("東京 大阪", "東京 京都")["rouge1"] == pytest.approx(0.5)
 
 
+def test_rouge_equals_rouge_score_on_many_answers():
+    """Our ROUGE against rouge-score's (the reference implementation, given the same words): random
+    answers over a small vocabulary (repeats, reorderings), empty ones, one-word ones, long ones."""
+    import random
+
+    from rouge_score import rouge_scorer
+
+    from tunesmith.evaluate.metrics import rouge_words
+
+    class Words:
+        def tokenize(self, text):
+            return rouge_words(text)
+
+    reference = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Words())
+    rng = random.Random(0)
+    vocabulary = "the a cat dog sat on mat 2021 03 05 paris é 東京".split()
+    texts = ["", "   ", "word", "the the the", "Paris, France!"] + [
+        " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(600)] + [(t, t) for t in texts[:20]]
+    for prediction, answer in pairs:
+        expected = {name: score.fmeasure for name, score in reference.score(answer, prediction).items()}
+        assert rouge(prediction, answer) == pytest.approx(expected, abs=1e-12), (prediction, answer)
+
+
 @pytest.mark.parametrize("steps, expected", [
     (True, "hello world"),
     (["case"], "hello,  world!"),
