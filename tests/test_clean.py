@@ -179,6 +179,21 @@ def test_leakage_into_explicit_val_and_test_files_is_removed(tmp_path, tokenizer
     assert len(prepared.rows("test")) == 3
 
 
+def test_the_leakage_check_reuses_what_deduplication_computed(tmp_path, tokenizer, monkeypatch):
+    """Every row's MinHash signatures are computed once: by deduplication, before the split; the
+    leakage check then finds them by the row's exact key."""
+    monkeypatch.setattr(dedup, "_NEAR_STATES", {})
+    computed = []
+    signature = dedup.MinHasher.signature
+    monkeypatch.setattr(dedup.MinHasher, "signature", lambda self, items: computed.append(1) or signature(self, items))
+    rows = qa_rows(30) + [{"question": "WHAT is 3 plus one", "answer": "4"}]  # repeats row 4 once normalised
+    config = make_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0.2, test_split=0.2)
+    prepared = prepare_module.prepare(config, tokenizer)
+    assert len(computed) == 2 * 30  # prompt and answer of each distinct row; the repeat is exact, no signature
+    assert prepared.manifest["counts"]["train"]["examples"] + prepared.manifest["counts"]["val"]["examples"] \
+        + prepared.manifest["counts"]["test"]["examples"] == 30
+
+
 def test_leakage_from_duplicates_in_one_file(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", qa_rows(10) * 3)
     no_dedup = {"dedup": False, "near_dup_threshold": None}

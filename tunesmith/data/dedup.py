@@ -103,6 +103,12 @@ class MinHasher:
         return ((self.a[:, None] * hashes[None, :] + self.b[:, None]) % PRIME).min(axis=1)
 
 
+# (threshold, exact key) -> a row's shingles, signatures and band keys; the exact key holds every
+# normalised word the shingles are made of, and every Index hashes with the same seed
+_NEAR_STATES: dict[tuple[float, str], tuple] = {}
+MAX_REMEMBERED = 200_000
+
+
 @dataclass
 class Match:
     index: int  # the row that is a duplicate
@@ -146,14 +152,21 @@ class Index:
 
     def state(self, example: Example, key: str | None = None) -> tuple:
         """What `add` records of a row: its exact key, and with a threshold its shingles, signatures
-        and band keys."""
+        and band keys (a pure function of the key and the threshold, remembered for the leakage
+        check, which meets every row deduplication has already seen)."""
         key = exact_key(example) if key is None else key
         if not self.threshold:
             return key, None
+        known = _NEAR_STATES.get((self.threshold, key))
+        if known is not None:
+            return key, known
         prompt, response = fields(example)
         signatures = np.stack([self.hasher.signature(prompt), self.hasher.signature(response)])  # (2, perms)
         keys = (self._band_keys(signatures[0]), self._band_keys(signatures[1]))
-        return key, (prompt, response, signatures, keys)
+        if len(_NEAR_STATES) >= MAX_REMEMBERED:
+            _NEAR_STATES.clear()
+        _NEAR_STATES[(self.threshold, key)] = near = (prompt, response, signatures, keys)
+        return key, near
 
     def find(self, example: Example) -> tuple[Match | None, tuple]:
         """(match or None, state to pass to add)."""
