@@ -57,7 +57,7 @@ def test_rouge_equals_rouge_score_on_many_answers():
 
     reference = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Words())
     rng = random.Random(0)
-    vocabulary = "the a cat dog sat on mat 2021 03 05 paris é 東京".split()
+    vocabulary = ["the", "a", "cat", "dog", "sat", "on", "mat", "2021", "03", "05", "paris", "é", "東京"]
     texts = ["", "   ", "word", "the the the", "Paris, France!"] + [
         " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 60))) for _ in range(300)]
     pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(600)] + [(t, t) for t in texts[:20]]

@@ -12,7 +12,15 @@ import pytest
 from tiny import CHAT_TEMPLATE
 
 from tunesmith.data.formats import Example, to_example
-from tunesmith.data.templates import ALPACA_HEAD, ALPACA_HEAD_INPUT, Encoder, choose, pieces, prompt_of, prompt_text
+from tunesmith.data.templates import (
+    ALPACA_HEAD,
+    ALPACA_HEAD_INPUT,
+    Encoder,
+    choose,
+    pieces,
+    prompt_of,
+    prompt_text,
+)
 from tunesmith.errors import ConfigError, DataError
 
 

@@ -312,7 +312,7 @@ def test_generation_keeps_large_freed_blocks_for_the_next_pass_unless_training_c
     assert kept == ["0", "True"] and int(default[0]) >= 24 << 20, (kept, default)
     after_compact = ("from tunesmith.train import memory; assert memory.return_freed_memory_to_os(); "
                      "assert not memory.keep_freed_memory()")
-    refused = subprocess.run([sys.executable, "-c", after_compact], capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "-c", after_compact], capture_output=True, text=True, check=False)
     assert refused.returncode == 0, refused.stderr
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import cache
 
-import torch
 import torch.nn.functional as F
 
 GQA_SDPA = "tunesmith_gqa_sdpa"

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.infer.attention import grouped_query_attention
-from tunesmith.train import memory
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
+from tunesmith.train import memory
 
 # Prompts that begin alike (a chat template's system block) share the keys and values of that
 # beginning once it is at least this many tokens: a newcomer's prefill starts after it
