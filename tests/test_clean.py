@@ -181,7 +181,7 @@ def test_leakage_into_explicit_val_and_test_files_is_removed(tmp_path, tokenizer
 
 def test_the_leakage_check_reuses_what_deduplication_computed(tmp_path, tokenizer, monkeypatch):
     """Every row's MinHash signatures are computed once: by deduplication, before the split; the
-    leakage check then finds them by the row's exact key."""
+    leakage check then finds them by the row's exact key, and they are forgotten after it."""
     monkeypatch.setattr(dedup, "_NEAR_STATES", {})
     computed = []
     signature = dedup.MinHasher.signature
@@ -190,6 +190,7 @@ def test_the_leakage_check_reuses_what_deduplication_computed(tmp_path, tokenize
     config = make_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0.2, test_split=0.2)
     prepared = prepare_module.prepare(config, tokenizer)
     assert len(computed) == 2 * 30  # prompt and answer of each distinct row; the repeat is exact, no signature
+    assert dedup._NEAR_STATES == {}  # kept for the check only, not for the life of the process
     assert prepared.manifest["counts"]["train"]["examples"] + prepared.manifest["counts"]["val"]["examples"] \
         + prepared.manifest["counts"]["test"]["examples"] == 30
 

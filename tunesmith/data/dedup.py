@@ -104,9 +104,14 @@ class MinHasher:
 
 
 # (threshold, exact key) -> a row's shingles, signatures and band keys; the exact key holds every
-# normalised word the shingles are made of, and every Index hashes with the same seed
+# normalised word the shingles are made of, and every Index hashes with the same seed. Filled by
+# deduplication, read by the leakage check, emptied after it (gather)
 _NEAR_STATES: dict[tuple[float, str], tuple] = {}
 MAX_REMEMBERED = 200_000
+
+
+def forget_signatures() -> None:
+    _NEAR_STATES.clear()
 
 
 @dataclass

@@ -80,7 +80,10 @@ def gather(config) -> Gathered:
                                    "test": _format(loaded, "test_path", main)},
                         sources={k: v.source for k, v in loaded.items()},
                         cleaning={k: v.cleaning.to_dict() for k, v in loaded.items()}, folds=folds)
-    _check_leakage(gathered, data.clean)
+    try:
+        _check_leakage(gathered, data.clean)
+    finally:
+        dedup.forget_signatures()  # what deduplication remembered for the check, not for later
     return gathered
 
 
