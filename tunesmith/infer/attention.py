@@ -32,8 +32,7 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
             or kwargs.get("softcap")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    causal = attention_mask is None and causal
+    causal = attention_mask is None and (getattr(module, "is_causal", True) if is_causal is None else is_causal)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                             dropout_p=dropout if module.training else 0.0, scale=scaling,
                                             is_causal=causal, enable_gqa=True)

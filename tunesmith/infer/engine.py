@@ -429,9 +429,8 @@ class Engine:
             self._remember_prefix(group)
         finished = self._take_agreed(prefill)
         finished += self._take_tokens(group, prefill.first)
-        kept = [slot for slot, row in enumerate(group.rows) if not row.done]
-        if kept:
-            group = group if len(kept) == len(group.rows) else _select(group, kept)
+        if not all(row.done for row in group.rows):
+            group = _live(group)
             self.running = _merge([_live(self.running), group]) if self.running is not None else group
         return finished
 
