@@ -249,8 +249,9 @@ def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_model
 
     @functools.wraps(forward)
     def counting(*args, **kwargs):
+        packed = kwargs.get("tunesmith_packed")  # a prefill chunk in the running rows' decode pass: its columns
         if kwargs["input_ids"].shape[1] > 1:
-            read.append(kwargs["input_ids"].shape[1])
+            read.append(kwargs["input_ids"].shape[1] if packed is None else packed.parts[-1].ids.shape[1])
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "forward", counting)
@@ -455,3 +456,92 @@ def test_finished_rows_stay_in_the_batch_until_a_quarter_of_it_has_finished(tiny
     expected = _reference(loaded, ids, 12)
     for request, limit in zip(requests, limits):
         assert request.completion_ids == expected[:limit] and request.finish_reason == "length"
+
+
+PACKED_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "gpt2", "mixtral"]
+
+
+def _counted_passes(loaded, monkeypatch) -> list[bool]:
+    """Wraps the model's forward: one entry per pass, True where it was a packed pass."""
+    import functools
+
+    passes: list[bool] = []
+    forward = loaded.model.forward
+
+    @functools.wraps(forward)
+    def counting(*args, **kwargs):
+        passes.append("tunesmith_packed" in kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    return passes
+
+
+@pytest.mark.parametrize("family", PACKED_FAMILIES)
+def test_prompts_arriving_mid_decode_are_read_in_the_running_rows_pass(tiny_models, family, monkeypatch):
+    """A newcomer's prompt, chunk by chunk, goes through the model in the same pass as the running
+    rows' next tokens: once a row is running, one forward pass per step. Every answer is still
+    generate's greedy one: the running row, two newcomers of different lengths arriving together,
+    a long prompt read in several chunks."""
+    from tunesmith.infer.engine import Engine
+    from tunesmith.infer.packed import PACKABLE
+
+    loaded = _loaded(tiny_models, family)
+    assert family in PACKABLE or loaded.model.config.model_type in PACKABLE
+    first = Request(_ids(loaded, PROMPTS[0]), Sampling(max_new_tokens=16))
+    pair = [Request(_ids(loaded, PROMPTS[1]), Sampling(max_new_tokens=5)),
+            Request(_ids(loaded, PROMPTS[2]), Sampling(max_new_tokens=7))]
+    chunked = Request(_ids(loaded, " ".join(PROMPTS * 2)), Sampling(max_new_tokens=6))
+    passes = _counted_passes(loaded, monkeypatch)
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id, prefill_tokens=8)
+    assert engine.packs
+    schedule, per_step = {0: [first], 2: pair, 6: [chunked]}, []  # (passes, packed passes) of each step
+    while engine.busy or not per_step:
+        for request in schedule.get(len(per_step), []):
+            engine.admit(request, loaded.tokenizer, stop_token_ids(loaded))
+        before = len(passes)
+        engine.step()
+        per_step.append((len(passes) - before, sum(passes[before:])))
+    monkeypatch.undo()
+    assert per_step[0] == (2, 0)  # the first prompt alone, then its first token's decode pass
+    # from then on, while the first request answers: one pass a step, the newcomers' chunks inside it
+    answering = per_step[1:len(first.completion_ids) - 1]
+    assert all(count == 1 for count, _ in answering)
+    assert sum(packed for _, packed in answering) >= math.ceil(len(chunked.prompt_ids) / 8) + 2
+    for request in (first, *pair, chunked):
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, request.sampling.max_new_tokens)
+
+
+def test_a_packed_pass_that_fails_is_undone_and_only_the_row_at_fault_fails(tiny_models, monkeypatch):
+    """The model raises whenever one token is in its input: a newcomer whose prompt holds it arrives,
+    with a good one, while another request decodes. The packed pass is undone, the passes of their
+    own that follow find the row at fault: it fails alone, the two others get their greedy answers."""
+    import functools
+
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, "qwen2")
+    running = Request(_ids(loaded, PROMPTS[0]), Sampling(max_new_tokens=12))
+    good = Request(_ids(loaded, PROMPTS[1]), Sampling(max_new_tokens=6))
+    answers = {id(r): _reference(loaded, r.prompt_ids, r.sampling.max_new_tokens) for r in (running, good)}
+    clean = set(running.prompt_ids + good.prompt_ids + answers[id(running)] + answers[id(good)])
+    poison_ids = _ids(loaded, PROMPTS[2])
+    poison_token = next(t for t in poison_ids if t not in clean)
+    bad = Request(poison_ids, Sampling(max_new_tokens=6))
+    forward, packed = loaded.model.forward, []
+
+    @functools.wraps(forward)
+    def poisoned(*args, **kwargs):
+        packed.append("tunesmith_packed" in kwargs)
+        if bool((kwargs["input_ids"] == poison_token).any()):
+            raise RuntimeError("poisoned prompt")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", poisoned)
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    _engine_run(engine, loaded, {0: [running], 2: [good, bad]})
+    monkeypatch.undo()
+    assert True in packed  # the newcomers were first sent through the running row's pass
+    assert bad.finish_reason == "error" and "poisoned prompt" in str(bad.error)
+    for request in (running, good):
+        assert request.error is None and request.completion_ids == answers[id(request)]

@@ -338,15 +338,17 @@ POISON_POSITION = 48  # the in-process server's model raises on a decode step th
 
 
 def poison_decode_steps(model, position: int) -> None:
-    """Make `model` raise on any decode step (one new token per row) that reaches `position`:
-    a stand-in for a request that crashes the forward pass its batch shares."""
+    """Make `model` raise on any decode step (one new token per row) that reaches `position`, alone
+    or with a prefill chunk in its pass: a stand-in for a request that crashes the pass its batch shares."""
     import functools
 
     forward = model.forward
 
     @functools.wraps(forward)
     def poisoned(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) >= position:
+        packed = kwargs.get("tunesmith_packed")  # the running rows' tokens are its first part
+        decoding = kwargs["position_ids"] if packed is None else packed.parts[0].positions
+        if (packed is not None or kwargs["input_ids"].shape[1] == 1) and int(decoding.max()) >= position:
             raise RuntimeError("poisoned decode step")
         return forward(*args, **kwargs)
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.infer.attention import grouped_query_attention
+from tunesmith.infer.packed import Part, packable, packed_forward
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
@@ -282,6 +283,7 @@ class Engine:
         self.mixed_adapters = mixed_adapters  # pass each row's adapter name (PEFT LoRA, mixed batch)
         self.max_positions = context_length(model)
         self.keep_last = _accepts_logits_to_keep(model)  # the forward computes only the logits asked for
+        self.packs = self.keep_last and packable(model)  # a prefill chunk rides in the decode pass (packed.py)
         self.pending: list[Row] = []  # admitted, prefill not started
         self.prefills: deque[_Prefill] = deque()
         self.running: _Group | None = None
@@ -319,6 +321,9 @@ class Engine:
             self._learn_prefixes(self.pending)
             self.prefills.extend(self._start_prefills(self.pending))
             self.pending = []
+        if self.prefills and self.running is not None and self._packs_with_running(self.prefills[0]):
+            finished += self._advance_together()
+            return refused + [row.request for row in finished]
         if self.prefills:
             finished += self._advance_prefill()
         if self.running is not None:
@@ -405,21 +410,32 @@ class Engine:
         return _cache(layers, used=len(prefix.ids))
 
     def _advance_prefill(self) -> list[Row]:
-        """The next chunk of the oldest prefill; when its prompts are all in, the first tokens are
-        sampled and the rows join the running batch."""
+        """The next chunk of the oldest prefill, in a pass of its own; when its prompts are all in, the
+        first tokens are sampled and the rows join the running batch."""
         prefill = self.prefills[0]
-        end, read_from = self._chunk_end(prefill)
-        keep = max(1, end - max(prefill.done, read_from))  # the columns whose logits are read
-        columns = slice(prefill.skip + prefill.done, prefill.skip + end)  # of the mask and the cache
-        positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift a row's positions
+        part, end, read_from = self._prefill_part(prefill)
         try:
-            logits = self._forward(prefill.rows, prefill.ids[:, prefill.done:end], prefill.mask[:, :columns.stop],
-                                   positions[:, columns], prefill.cache, keep)
+            logits = self._forward(prefill.rows, part.ids, part.mask, part.positions, part.cache, part.keep)
             if end > read_from:
                 self._read_logits(prefill, logits, end)
         except Exception as err:  # noqa: BLE001 — retried one prompt at a time; the one that fails, fails alone
             self.prefills.popleft()
             return self._split_failed_prefill(prefill, err)
+        return self._prefilled(prefill, end)
+
+    def _prefill_part(self, prefill: _Prefill) -> tuple[Part, int, int]:
+        """The next chunk of a prefill as a pass's part, where it ends, and the first column whose logits
+        are read."""
+        end, read_from = self._chunk_end(prefill)
+        columns = slice(prefill.skip + prefill.done, prefill.skip + end)  # of the mask and the cache
+        positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift a row's positions
+        keep = max(1, end - max(prefill.done, read_from))  # the columns whose logits are read
+        return Part(prefill.ids[:, prefill.done:end], prefill.mask[:, :columns.stop], positions[:, columns],
+                    prefill.cache, keep), end, read_from
+
+    def _prefilled(self, prefill: _Prefill, end: int) -> list[Row]:
+        """A chunk is in: once the prompts are all in, the first tokens are sampled and the rows join
+        the running batch; the rows this finishes."""
         prefill.done = end
         if end < prefill.ids.shape[1]:
             return []
@@ -433,6 +449,32 @@ class Engine:
             group = _live(group)
             self.running = _merge([_live(self.running), group]) if self.running is not None else group
         return finished
+
+    def _packs_with_running(self, prefill: _Prefill) -> bool:
+        """Whether the prefill's next chunk can go through the running rows' decode pass: a model
+        packed.py knows, and one adapter for all the rows (a packed pass is one sequence)."""
+        if not self.packs:
+            return False
+        return not self.mixed_adapters or len({row.adapter_name for row in prefill.rows + self.running.rows}) == 1
+
+    def _advance_together(self) -> list[Row]:
+        """One pass: every running row's next token and the oldest prefill's next chunk. Should it
+        raise, both are undone and go through passes of their own, which find the row at fault."""
+        prefill, group = self.prefills[0], self.running
+        chunk, end, read_from = self._prefill_part(prefill)
+        tokens, mask, positions = self._feed_inputs(group)
+        try:
+            decoded, logits = packed_forward(self.model, [Part(tokens, mask, positions, group.cache), chunk],
+                                             **self._adapters(group.rows[:1]))
+            if end > read_from:
+                self._read_logits(prefill, logits, end)
+        except Exception:  # noqa: BLE001 — undone; the separate passes below isolate the failure
+            _crop(group)
+            done = prefill.skip + prefill.done
+            prefill.cache = _cache([(k[:, :, :done], v[:, :, :done]) for k, v in _layers(prefill.cache)])
+            return self._advance_prefill() + self._decode()
+        group.mask = mask
+        return self._decoded([(group, decoded[:, -1])], []) + self._prefilled(prefill, end)
 
     def _chunk_end(self, prefill: _Prefill) -> tuple[int, int]:
         """Where this step's chunk of `prefill.ids` ends, and the first column whose logits are read
@@ -538,7 +580,10 @@ class Engine:
 
     def _decode(self) -> list[Row]:
         """Feed every running row its last token; drop the rows that finish."""
-        outcomes, failed = self._feed(self.running)
+        return self._decoded(*self._feed(self.running))
+
+    def _decoded(self, outcomes: list[tuple[_Group, torch.Tensor]], failed: list[Row]) -> list[Row]:
+        """Each fed row takes its next token; the running batch is what goes on."""
         finished = list(failed)
         for group, logits in outcomes:
             finished += self._take_tokens(group, logits)
@@ -555,12 +600,7 @@ class Engine:
     def _feed(self, group: _Group) -> tuple[list[tuple[_Group, torch.Tensor]], list[Row]]:
         """One decode forward pass of `group`: [(group, logits (rows, vocab))] and the rows that failed.
         When the pass raises, it is undone and the halves are fed apart, down to the row that fails."""
-        tokens = torch.tensor([[self.pad_id if row.done else row.next_token] for row in group.rows],
-                              device=self.device)  # (rows, 1); a finished row's output is ignored
-        positions = group.mask.sum(-1, keepdim=True)  # (rows, 1): real tokens before this one
-        if self.max_positions:  # a finished row still fed may be past the model's context; its output is ignored
-            positions = positions.clamp(max=self.max_positions - 1)
-        mask = torch.cat([group.mask, group.mask.new_ones((len(group.rows), 1))], dim=1)
+        tokens, mask, positions = self._feed_inputs(group)
         try:
             logits = self._forward(group.rows, tokens, mask, positions, group.cache)[:, -1]
         except Exception as err:  # noqa: BLE001 — find the offending row; the others must go on
@@ -577,10 +617,23 @@ class Engine:
         group.mask = mask
         return [(group, logits)], []
 
+    def _feed_inputs(self, group: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode pass's tokens (rows, 1), mask (rows, width + 1) and positions (rows, 1)."""
+        tokens = torch.tensor([[self.pad_id if row.done else row.next_token] for row in group.rows],
+                              device=self.device)  # a finished row's output is ignored
+        positions = group.mask.sum(-1, keepdim=True)  # real tokens before this one
+        if self.max_positions:  # a finished row still fed may be past the model's context; its output is ignored
+            positions = positions.clamp(max=self.max_positions - 1)
+        return tokens, torch.cat([group.mask, group.mask.new_ones((len(group.rows), 1))], dim=1), positions
+
+    def _adapters(self, rows: list[Row]) -> dict:
+        """The forward's per-row adapter names, for a PEFT model serving several adapters at once."""
+        return {"adapter_names": [row.adapter_name for row in rows]} if self.mixed_adapters else {}
+
     def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache, keep: int = 1) -> torch.Tensor:
         """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns."""
-        per_row = {"adapter_names": [row.adapter_name for row in rows]} if self.mixed_adapters else {}
+        per_row = self._adapters(rows)
         limit = {"logits_to_keep": keep} if self.keep_last else {}
         with grouped_query_attention(self.model):
             output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

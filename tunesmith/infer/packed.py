@@ -1,0 +1,146 @@
+"""One forward pass for rows that are at different stages: prompts being prefilled and answers
+being decoded go through the model together.
+
+A decode pass feeds each running row one token, yet it costs nearly what a pass of a few dozen
+tokens costs on a CPU: every weight is read and every module called once per pass, whatever the
+rows. A newcomer's prompt read in a pass of its own pays that again. Here the engine's parts, each
+a rectangle of rows x columns with its own KV cache and mask (the running rows' one new token each;
+a chunk of the newcomers' prompts), are laid end to end as one sequence: the linear layers and the
+MLP see every token at once, and only attention is done part by part, each over its own cache.
+
+    ids        (1, tokens): every part's ids, row after row
+    positions  (1, tokens): each token's own position, so rotary and learned embeddings are right
+    cache      `_PackedCache`: each layer's new keys and values are written into the parts' caches
+    attention  `packed_attention`: each part's queries against its own keys, with a causal mask
+               over the part's columns (the queries are its last columns)
+    logits     only the columns asked for (`logits_to_keep` as an index)
+
+Only for model types whose layers all attend fully and whose attention writes its keys through the
+cache and calls transformers' attention interface (checked in tests/test_engine.py against
+separate passes); other models take one pass per part.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from tunesmith.infer.attention import gqa_sdpa
+
+PACKED = "tunesmith_packed"
+# model types checked against separate passes (tests/test_engine.py)
+PACKABLE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "gpt2", "mixtral"})
+
+
+@dataclass
+class Part:
+    """Rows fed `ids` (rows, columns) in the same pass: `mask` (rows, width) covers the cache's
+    columns after this pass (the new ones are the last), `cache` takes the new keys and values, and
+    the logits of the last `keep` columns of every row come back."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object  # a transformers DynamicCache
+    keep: int = 1
+
+
+def packable(model) -> bool:
+    """Whether `packed_forward` can run this model: a known model type with full attention in every
+    layer, run through transformers' "sdpa" on a CPU."""
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (getattr(config, "model_type", None) in PACKABLE and all(kind == "full_attention" for kind in layer_types)
+            and not getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None) is None
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and next(model.parameters()).device.type == "cpu")
+
+
+def packed_forward(model, parts: list[Part], **model_kwargs) -> list[torch.Tensor]:
+    """One forward pass of all the parts; each part's logits (rows, keep, vocab), fp32."""
+    ids = torch.cat([part.ids.reshape(-1) for part in parts])[None]
+    positions = torch.cat([part.positions.reshape(-1) for part in parts])[None]
+    kept, offset = [], 0
+    for part in parts:
+        rows, columns = part.ids.shape
+        starts = offset + torch.arange(rows, device=ids.device) * columns + columns - part.keep
+        kept.append((starts[:, None] + torch.arange(part.keep, device=ids.device)).reshape(-1))
+        offset += rows * columns
+    layout = _PackedCache(parts)
+    with _packed_attention(model):
+        output = model(input_ids=ids, position_ids=positions, past_key_values=layout, use_cache=True,
+                       logits_to_keep=torch.cat(kept), tunesmith_packed=layout, **model_kwargs)
+    logits = output.logits[0].float()  # (kept, vocab)
+    pieces = logits.split([len(k) for k in kept])
+    return [piece.view(part.ids.shape[0], part.keep, -1) for piece, part in zip(pieces, parts)]
+
+
+class _PackedCache:
+    """Stands in for the model's cache during a packed pass: each layer's new keys and values, laid
+    end to end, are written into the parts' own caches; the attention reads them from there."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+        self.sizes = [part.ids.numel() for part in parts]
+        self.masks = [_causal_mask(part) for part in parts]
+        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's keys and values per part
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.current = []
+        for part, keys, values in zip(self.parts, key_states.split(self.sizes, dim=2),
+                                      value_states.split(self.sizes, dim=2)):
+            self.current.append(part.cache.update(_rows(keys, part), _rows(values, part), layer_idx))
+        return key_states, value_states
+
+    def get_seq_length(self, *args, **kwargs) -> int:  # asked by models that build positions themselves
+        return 0
+
+
+def _rows(packed: torch.Tensor, part: Part) -> torch.Tensor:
+    """(1, heads, rows x columns, head_dim) laid end to end -> (rows, heads, columns, head_dim)."""
+    rows, columns = part.ids.shape
+    return packed[0].unflatten(1, (rows, columns)).transpose(0, 1)
+
+
+def _causal_mask(part: Part) -> torch.Tensor:
+    """(rows, 1, columns, width) bool: a new column sees the row's real columns up to itself, and
+    always itself (a padding column attending nothing would give NaN, and 0 x NaN is NaN later)."""
+    columns, width = part.ids.shape[1], part.mask.shape[1]
+    query_at = torch.arange(width - columns, width, device=part.mask.device)[:, None]  # (columns, 1)
+    key_at = torch.arange(width, device=part.mask.device)[None, :]  # (1, width)
+    seen = part.mask.bool()[:, None, :] | (key_at == query_at)[None]  # (rows, columns, width)
+    return (seen & (key_at <= query_at)[None])[:, None]
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # query: (1, heads, tokens, head_dim), every part's rows laid end to end
+    layout: _PackedCache = kwargs.pop("tunesmith_packed")
+    outputs = []
+    for (keys, values), mask, part, queries in zip(layout.current, layout.masks, layout.parts,
+                                                   query.split(layout.sizes, dim=2)):
+        output, _ = gqa_sdpa(module, _rows(queries, part), keys, values, mask, dropout=dropout, scaling=scaling,
+                             **kwargs)  # (rows, columns, heads, head_dim)
+        outputs.append(output.flatten(0, 1))
+    return torch.cat(outputs)[None], None
+
+
+@cache
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED, packed_attention)  # no mask function: the parts bring their own
+
+
+@contextmanager
+def _packed_attention(model):
+    _register()
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
