@@ -34,6 +34,32 @@ def test_a_packed_pass_gives_each_part_the_logits_and_cache_of_its_own_pass(tiny
     (so their mask has a hole of padding between the prefix and each prompt) in one pass: every
     real column's logits, and every cache column, equal those of a separate pass per part."""
     model = load_base(str(tiny_models(family)), device="cpu", precision="fp32").model
+    _assert_packed_equals_separate(model)
+
+
+def test_a_packed_pass_runs_peft_adapters_one_at_a_time_or_named(tiny_models):
+    """A PEFT model with two LoRA adapters (random, non-zero): the active adapter, and an adapter
+    named for the pass (`adapter_names`, one name: a packed pass is one sequence), give the logits
+    and caches of separate passes."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base(str(tiny_models("llama")), device="cpu", precision="fp32").model
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, lora, adapter_name="first")
+    model.add_adapter("second", lora)
+    model.eval()
+    with torch.inference_mode(), model.disable_adapter():
+        plain = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    with torch.inference_mode():
+        adapted = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert not torch.allclose(plain, adapted, atol=1e-3)  # the adapter changes the answers
+    _assert_packed_equals_separate(model)
+    _assert_packed_equals_separate(model, adapter_names=["second"])
+
+
+def _assert_packed_equals_separate(model, **forward_kwargs):
+    """The three running rows and two prefixed prompts above, packed and apart."""
     assert packable(model)
     vocab, generator = model.config.vocab_size, torch.Generator().manual_seed(0)
     prompts, prompts_mask = _left_padded([5, 3, 7], vocab, generator)
@@ -42,25 +68,28 @@ def test_a_packed_pass_gives_each_part_the_logits_and_cache_of_its_own_pass(tiny
     tokens = torch.randint(5, vocab, (3, 1), generator=generator)
     decode_mask = torch.cat([prompts_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
 
+    def per_row(rows: int) -> dict:
+        return {key: value * rows for key, value in forward_kwargs.items()}  # adapter_names: one per row
+
     def caches():
         """The running rows' cache (their prompts read) and the prompts' (the prefix read)."""
         running, prefilling = _cache([]), _cache([])
         model(input_ids=prompts, attention_mask=prompts_mask, position_ids=_positions(prompts_mask, 7),
-              past_key_values=running, use_cache=True)
+              past_key_values=running, use_cache=True, **per_row(3))
         model(input_ids=prefix.expand(2, -1), position_ids=torch.arange(4)[None].expand(2, -1),
-              past_key_values=prefilling, use_cache=True)
+              past_key_values=prefilling, use_cache=True, **per_row(2))
         return running, prefilling
 
     with torch.inference_mode():
         running, prefilling = caches()
         decoded = model(input_ids=tokens, attention_mask=decode_mask, position_ids=_positions(decode_mask, 1),
-                        past_key_values=running, use_cache=True).logits[:, -1:]
+                        past_key_values=running, use_cache=True, **per_row(3)).logits[:, -1:]
         read = model(input_ids=chunk, attention_mask=chunk_mask, position_ids=_positions(chunk_mask, 6),
-                     past_key_values=prefilling, use_cache=True).logits[:, -2:]
+                     past_key_values=prefilling, use_cache=True, **per_row(2)).logits[:, -2:]
         packed_running, packed_prefilling = caches()
         got_decoded, got_read = packed_forward(model, [
             Part(tokens, decode_mask, _positions(decode_mask, 1), packed_running),
-            Part(chunk, chunk_mask, _positions(chunk_mask, 6), packed_prefilling, keep=2)])
+            Part(chunk, chunk_mask, _positions(chunk_mask, 6), packed_prefilling, keep=2)], **forward_kwargs)
     torch.testing.assert_close(got_decoded, decoded, rtol=1e-5, atol=1e-5)
     real = chunk_mask[:, -2:].bool()  # the first prompt's second-last column is padding
     assert real.sum() == 4

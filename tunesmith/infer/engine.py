@@ -14,7 +14,9 @@ between two decode steps, and leaves it the moment it is finished:
               in the cache), and the columns after those are masked out
     merge     a prefilled group joins the running batch: the shorter of the two KV caches is padded
               on the left (masked out), then the rows are stacked
-    decode    one forward pass feeds every running row the token it sampled last
+    decode    one forward pass feeds every running row the token it sampled last; where the model
+              allows (packed.py), the oldest prefill's next chunk rides in that same pass, so a step
+              reads the weights once however many newcomers arrive
     leave     a finished row (end of turn, stop string, max_new_tokens, context full, cancelled, or
               an error of its own) is handed back at once; its keys and values are dropped, with the
               left columns no remaining row uses, when newcomers join or a quarter of the rows have
@@ -459,7 +461,8 @@ class Engine:
 
     def _advance_together(self) -> list[Row]:
         """One pass: every running row's next token and the oldest prefill's next chunk. Should it
-        raise, both are undone and go through passes of their own, which find the row at fault."""
+        raise, the running rows' cache is cropped back, the prefill starts over, and both go through
+        passes of their own, which find the row at fault."""
         prefill, group = self.prefills[0], self.running
         chunk, end, read_from = self._prefill_part(prefill)
         tokens, mask, positions = self._feed_inputs(group)
@@ -470,8 +473,7 @@ class Engine:
                 self._read_logits(prefill, logits, end)
         except Exception:  # noqa: BLE001 — undone; the separate passes below isolate the failure
             _crop(group)
-            done = prefill.skip + prefill.done
-            prefill.cache = _cache([(k[:, :, :done], v[:, :, :done]) for k, v in _layers(prefill.cache)])
+            self.prefills[0] = self._start_prefill(prefill.rows)  # read again from the start (scores too)
             return self._advance_prefill() + self._decode()
         group.mask = mask
         return self._decoded([(group, decoded[:, -1])], []) + self._prefilled(prefill, end)
