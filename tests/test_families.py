@@ -26,9 +26,9 @@ def phrase_rows(count: int) -> list[dict]:
 
 @pytest.fixture
 def fp32_generation(monkeypatch):
-    """`generate` has no --precision flag, and precision auto picks bf16 on a CPU with native bf16
-    (as this one has), whose rounding can flip a tiny random model's greedy choice. The references
-    are fp32, so the CLI is run as on a CPU without bf16."""
+    """Precision auto picks bf16 on a CPU where a bf16 matmul measures faster, whose rounding can
+    flip a tiny random model's greedy choice. The references are fp32, so the CLI is run as on a
+    CPU without bf16."""
     from tunesmith import device
 
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
@@ -134,12 +134,20 @@ def test_plain_model_with_chat_template_requested(cli, tiny_models, tmp_path):
     assert row["prompt"] == f"### User:\n{row['messages'][0]['content']}\n\n### Assistant:\n"
 
 
-def test_generate_with_a_base_model(cli, tiny_models, fp32_generation):
+def test_generate_with_a_base_model(cli, tiny_models):
     model = tiny_models("qwen2")  # whose greedy answer is visible text (the tiny llama's is newlines)
-    result = cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens", 5)
+    result = cli("generate", "--model", model, "--prompt", PROMPT, "--max-new-tokens", 5,
+                 "--device", "cpu", "--precision", "fp32")  # the reference's precision, whatever the CPU
     assert result.code == 0, result.err
     expected = reference_answer(model, CHAT_PROMPT, 5)
     assert expected and result.out == expected + "\n"
+
+
+def test_generate_refuses_a_device_torch_cannot_use(cli, tiny_models, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = cli("generate", "--model", tiny_models("qwen2"), "--prompt", PROMPT, "--device", "cuda")
+    assert result.code == 2
+    assert "device" in result.err and "cuda" in result.err and "Traceback" not in result.err
 
 
 def test_generate_needs_a_model_or_a_run(cli):

@@ -165,6 +165,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--template", default="auto", help="template for a base model (auto, chat, alpaca, qa)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the maths (default: one per core); fewer on a CPU shared with other work")
     args = parser.parse_args(argv)
@@ -172,15 +174,15 @@ def main(argv: list[str]) -> int:
         parser.error(f"--threads {args.threads} must be at least 1")
     from tunesmith.device import pick_device, use_threads
 
-    use_threads(args.threads, pick_device(getattr(args, "device", "auto")))
+    use_threads(args.threads, pick_device(args.device))
     if not args.model and not args.run:
         raise TunesmithError("give --model, --adapter RUN, or both")
     if args.run:
-        loaded = load_run(args.run)
+        loaded = load_run(args.run, args.device, args.precision)
         if args.model:
             say(f"Using the run's own base model; --model {args.model} is ignored")
     else:
-        loaded = load_base(args.model, args.template)
+        loaded = load_base(args.model, args.template, None, args.device, args.precision)
     prompt = template_prompt(loaded, args.prompt)
     [answer] = generate(loaded, [prompt], args.max_new_tokens, 1, args.temperature, args.top_p)
     print(answer)
