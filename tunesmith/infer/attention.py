@@ -48,16 +48,29 @@ def register() -> None:
     AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)  # the same boolean mask SDPA gets
 
 
+def runs_sdpa_on_cpu(model) -> bool:
+    """Whether the model attends through transformers' "sdpa" on a CPU (what these paths replace)."""
+    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and next(model.parameters()).device.type == "cpu")
+
+
 @contextmanager
-def grouped_query_attention(model):
+def attention_switched(model, name: str):
+    """The model attends through the registered attention function `name` until the block ends."""
     config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    if previous != "sdpa" or next(model.parameters()).device.type != "cpu":
-        yield
-        return
-    register()
-    config._attn_implementation = GQA_SDPA
+    previous = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+@contextmanager
+def grouped_query_attention(model):
+    if not runs_sdpa_on_cpu(model):
+        yield
+        return
+    register()
+    with attention_switched(model, GQA_SDPA):
+        yield

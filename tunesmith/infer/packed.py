@@ -22,13 +22,12 @@ separate passes); other models take one pass per part.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from tunesmith.infer.attention import gqa_sdpa
+from tunesmith.infer.attention import attention_switched, gqa_sdpa, runs_sdpa_on_cpu
 
 PACKED = "tunesmith_packed"
 # model types checked against separate passes (tests/test_engine.py)
@@ -55,8 +54,7 @@ def packable(model) -> bool:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     return (getattr(config, "model_type", None) in PACKABLE and all(kind == "full_attention" for kind in layer_types)
             and not getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None) is None
-            and getattr(config, "_attn_implementation", None) == "sdpa"
-            and next(model.parameters()).device.type == "cpu")
+            and runs_sdpa_on_cpu(model))
 
 
 def packed_forward(model, parts: list[Part], **model_kwargs) -> list[torch.Tensor]:
@@ -70,7 +68,8 @@ def packed_forward(model, parts: list[Part], **model_kwargs) -> list[torch.Tenso
         kept.append((starts[:, None] + torch.arange(part.keep, device=ids.device)).reshape(-1))
         offset += rows * columns
     layout = _PackedCache(parts)
-    with _packed_attention(model):
+    _register()
+    with attention_switched(model, PACKED):
         output = model(input_ids=ids, position_ids=positions, past_key_values=layout, use_cache=True,
                        logits_to_keep=torch.cat(kept), tunesmith_packed=layout, **model_kwargs)
     logits = output.logits[0].float()  # (kept, vocab)
@@ -132,15 +131,3 @@ def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED, packed_attention)  # no mask function: the parts bring their own
-
-
-@contextmanager
-def _packed_attention(model):
-    _register()
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = PACKED
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
