@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -289,3 +290,30 @@ def test_merge_from_the_page_and_the_exports_check_shown(finished_run):
          "same_answers": 19}]
     assert client.post("/api/runs/tuned/publish").status_code == 404
     assert client.post("/api/runs/tuned/export?type=q3_bogus").status_code == 400
+
+
+def test_a_job_that_just_ended_is_running_until_its_exit_is_recorded(tmp_path, monkeypatch):
+    from tunesmith.studio import jobs
+
+    recording, release = threading.Event(), threading.Event()
+    save = jobs.Jobs.save
+
+    def slow_save(self, job):
+        if job.exit_code is not None:  # the exit is known but not yet on disk: a page reads now
+            recording.set()
+            release.wait(30)
+        save(self, job)
+
+    monkeypatch.setattr(jobs.Jobs, "save", slow_save)
+    studio_jobs = jobs.Jobs(tmp_path, tmp_path)
+    job = studio_jobs.start("merge", "missing", [str(tmp_path / "missing")])
+    assert recording.wait(120)
+    seen = studio_jobs.get(job.id)
+    assert seen.exit_code is None and jobs.alive(seen)  # not "neither running nor ended"
+    release.set()
+    deadline = time.time() + 30
+    while studio_jobs.get(job.id).exit_code is None and time.time() < deadline:
+        time.sleep(0.05)
+    ended = studio_jobs.get(job.id)
+    assert ended.exit_code == 2 and not jobs.alive(ended) and "missing" in ended.error
+    assert not Path(f"/proc/{job.pid}").exists()  # reaped once recorded

@@ -4,6 +4,7 @@ that the page can close and reopen without touching it. Each job is a JSON recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -61,11 +62,15 @@ class Jobs:
         return job
 
     def _wait(self, process: subprocess.Popen, job: Job) -> None:
-        job.exit_code = process.wait()
+        # Wait without reaping: the process stays a zombie of ours, which alive() counts as running,
+        # until its exit is on disk; a page never sees it neither running nor ended.
+        ended = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        job.exit_code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
         job.ended = time.time()
         if job.exit_code not in STOPPED_BY_USER:
             job.error = self.error_line(job) or f"exited with code {job.exit_code}"
         self.save(job)
+        process.wait()
 
     def save(self, job: Job) -> None:
         with self.lock:
@@ -105,21 +110,23 @@ class Jobs:
 
 def alive(job: Job) -> bool:
     """Still running: no exit recorded and the process exists (a studio restarted since cannot
-    record the exit of a job it did not start, so the process table decides)."""
+    record the exit of a job it did not start, so the process table decides). A zombie is running
+    while it is our own child (its exit is being recorded), ended when it is anyone else's."""
     if job.exit_code is not None:
         return False
     try:
-        state = Path(f"/proc/{job.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        state, parent = Path(f"/proc/{job.pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
         return False
-    return state != "Z"
+    return state != "Z" or int(parent) == os.getpid()
 
 
 def stop(job: Job | None, run_dir: Path) -> bool:
     """Ctrl-C's signal to whatever trains `run_dir`: the studio's job (its whole process group) or
     a `tunesmith finetune` started in a terminal. The run saves a checkpoint and exits."""
     if job is not None and alive(job):
-        os.killpg(job.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # it ended a moment ago
+            os.killpg(job.pid, signal.SIGINT)
         return True
     pid = locks.training_pid(run_dir)
     if pid:
