@@ -1,0 +1,101 @@
+"""The output layer of generation on a CPU: MKL's multiply (the layer's own `F.linear`) against
+tunesmith's oneDNN copy of the weight (tunesmith/infer/head.py), side by side in one process.
+
+1. The multiply alone, for the model's output weight, at the row counts a pass asks for (one per
+   running row, a few more for newcomers; evaluate's scoring reads many): median of alternating
+   repeats.
+2. The engine's decode step with 8 running rows (the serve_load questions' kind of prompt), the
+   copy on and off, alternating: the greedy tokens must be the same both ways.
+
+    .venv/bin/python bench/output_layer.py --model out/bench-export/merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.infer import head
+from tunesmith.infer.engine import Engine
+from tunesmith.infer.request import Request, Sampling
+
+ROWS = (1, 8, 33, 128, 512)
+
+
+def timed(fn, repeats: int = 10) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def multiply_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
+    copy = head.LaidOut(layer)
+    lines = ["| rows | F.linear (MKL) ms | oneDNN copy ms | speed-up |", "|---:|---:|---:|---:|"]
+    for rows in ROWS:
+        hidden = torch.randn(rows, layer.in_features)
+        mkl, onednn = [], []
+        for _ in range(rounds):
+            mkl.append(timed(lambda x=hidden: F.linear(x, layer.weight, layer.bias)))
+            onednn.append(timed(lambda x=hidden: torch.ops.mkldnn._linear_pointwise(x, copy.weight, layer.bias,
+                                                                                    "none", [], "")))
+        a, b = statistics.median(mkl), statistics.median(onednn)
+        lines.append(f"| {rows} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    return lines
+
+
+def decode_steps(model, tokenizer, on: bool, steps: int = 25) -> tuple[float, list[list[int]]]:
+    engine = Engine(model, tokenizer.pad_token_id)
+    if not on:
+        model.get_output_embeddings().__dict__.pop("forward", None)
+    for i in range(8):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {3 * i}? "
+                                               "Explain."}], tokenize=False, add_generation_prompt=True)
+        engine.admit(Request(tokenizer.encode(text, add_special_tokens=False), Sampling(max_new_tokens=steps + 20)),
+                     tokenizer, [])
+    while engine.prefills or engine.pending:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = (time.perf_counter() - start) / steps * 1000
+    return elapsed, [row.request.completion_ids for row in engine.running.rows]
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a model directory (e.g. a run's merged/)")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    layer = model.get_output_embeddings()
+    print(f"output weight {tuple(layer.weight.shape)} fp32, {torch.get_num_threads()} threads\n")
+    with torch.inference_mode():
+        print("\n".join(multiply_table(layer, args.rounds)))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    answers: dict[bool, list] = {}
+    for _ in range(args.rounds):
+        for on in (True, False):
+            ms, tokens = decode_steps(model, tokenizer, on)
+            times[on].append(ms)
+            answers.setdefault(on, tokens)
+    same = "the same greedy tokens" if answers[True] == answers[False] else "DIFFERENT tokens"
+    print(f"\nengine decode step, 8 running rows, {args.rounds} alternating rounds of 25 steps:")
+    for on, label in ((False, "MKL"), (True, "oneDNN copy")):
+        print(f"- {label}: median {statistics.median(times[on]):.1f} ms "
+              f"({', '.join(f'{t:.0f}' for t in times[on])})")
+    print(f"- step time copy/MKL: {statistics.median(times[True]) / statistics.median(times[False]):.2f}x; {same}")
+
+
+if __name__ == "__main__":
+    main()
