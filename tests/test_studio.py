@@ -212,6 +212,46 @@ def test_chat_streams_the_same_answers_as_generate(finished_run):
     assert streamed["base"] != streamed["tuned"]  # the adapter is really in the tuned one
 
 
+def test_chat_continues_each_sides_own_conversation(finished_run, monkeypatch):
+    from tunesmith import config as config_module
+    from tunesmith.infer.generate import conversation_prompt, load_base
+    from tunesmith.studio import chat
+
+    prompts = []  # the prompt ids each answer is decoded from
+    pieces = chat._pieces
+    monkeypatch.setattr(chat, "_pieces", lambda loaded, lock, request: prompts.append(request.prompt_ids)
+                        or pieces(loaded, lock, request))
+    client = TestClient(create_app(finished_run))
+    first, second = "What is 3 plus one?", "And what is 5 plus one?"
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": "It is 4."}]
+    reply = client.post("/api/chat", json={"run": "tuned", "side": "base", "prompt": second, "history": history,
+                                           "max_new_tokens": 12})
+    assert reply.status_code == 200 and reply.headers["X-Dropped-Turns"] == "0"
+    run_config = config_module.load(finished_run / "tuned" / "config.yaml")
+    base = load_base(run_config.model, run_config.data.template, device="cpu")
+    assert base.template.name == "chat"  # a single-turn template reads the last message only, by design
+    conversation = [*history, {"role": "user", "content": second}]
+    assert prompts == [base.encoder.encode_prompt(conversation_prompt(base, conversation))]  # as `tunesmith chat`
+    assert len(prompts[0]) > len(base.encoder.encode_prompt(conversation_prompt(base, conversation[-1:])))
+
+    long_turns = [{"role": role, "content": "seven plus one " * 4} for _ in range(6) for role in ("user", "assistant")]
+    with client.stream("POST", "/api/chat", json={"run": "tuned", "prompt": second, "history": long_turns,
+                                                  "max_new_tokens": 1990}) as squeezed:  # ~58 tokens of context left
+        assert squeezed.status_code == 200 and int(squeezed.headers["X-Dropped-Turns"]) >= 1
+    too_long = client.post("/api/chat", json={"run": "tuned", "prompt": "seven plus one " * 40, "max_new_tokens": 1990})
+    assert too_long.status_code == 400 and "too long" in too_long.json()["problems"][0]
+
+
+@pytest.mark.parametrize("history", ["not a list", [{"role": "user", "content": "q"}],
+                                     [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+                                     [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}],
+                                     [{"role": "user", "content": "q"}, "an answer"]])
+def test_chat_refuses_a_history_that_is_not_whole_turns(finished_run, history):
+    client = TestClient(create_app(finished_run))
+    refused = client.post("/api/chat", json={"run": "tuned", "prompt": "x", "history": history})
+    assert refused.status_code == 400 and "history" in refused.json()["problems"][0]
+
+
 def test_chat_refuses_bad_requests_with_4xx(finished_run):
     client = TestClient(create_app(finished_run))
     assert client.post("/api/chat", json={"run": "tuned", "side": "neither", "prompt": "x"}).status_code == 400

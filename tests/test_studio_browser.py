@@ -175,12 +175,29 @@ def test_the_whole_job_in_the_browser(server, page, llama, tmp_path):
     page.click("#chat-send")
     page.wait_for_function("document.querySelector('#chat-base').dataset.done && "
                            "document.querySelector('#chat-tuned').dataset.done")
-    for side in ("base", "tuned"):  # what the page shows is the whole greedy answer the server streams
+    def answer(side: str, prompt: str, history: list[dict]) -> str:
         request = urllib.request.Request(url + "/api/chat", method="POST", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"run": "first", "side": side, "prompt": "What is 7 plus one?",
-                                                          "max_new_tokens": 128}).encode())
-        assert page.locator(f"#chat-{side}").text_content() == urllib.request.urlopen(request).read().decode()
+                                         data=json.dumps({"run": "first", "side": side, "prompt": prompt,
+                                                          "history": history, "max_new_tokens": 128}).encode())
+        return urllib.request.urlopen(request).read().decode()
+
+    shown = {}
+    for side in ("base", "tuned"):  # what the page shows is the whole greedy answer the server streams
+        shown[side] = page.locator(f"#chat-{side} .answer").last.text_content()
+        assert shown[side] == answer(side, "What is 7 plus one?", [])
+    # a second message continues each side's own conversation
+    page.fill("#chat-prompt", "And 8 plus one?")
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-base').dataset.done && "
+                           "document.querySelector('#chat-tuned').dataset.done")
+    expect(page.locator("#chat-turns")).to_have_text("2 turn(s) in this conversation")
+    for side in ("base", "tuned"):
+        expect(page.locator(f"#chat-{side} .you")).to_have_text(["What is 7 plus one?", "And 8 plus one?"])
+        history = [{"role": "user", "content": "What is 7 plus one?"}, {"role": "assistant", "content": shown[side]}]
+        assert page.locator(f"#chat-{side} .answer").last.text_content() == answer(side, "And 8 plus one?", history)
     snap(page, "chat")
+    page.click("#chat-new")
+    expect(page.locator("#chat-base .answer")).to_have_count(0)
 
     # the runs list, then a run deleted while its page is open: a message, no traceback
     page.goto(url + "/#runs")

@@ -58,6 +58,7 @@ class Conversation:
         self.start = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.messages = list(self.start)
         self.budget = (context_length(loaded.model) or 1 << 30) - max_new_tokens  # tokens left for the prompt
+        self.dropped = 0  # turns left out so far because the history no longer fit
 
     def reset(self) -> None:
         self.messages = list(self.start)
@@ -72,6 +73,7 @@ class Conversation:
         while len(ids := self._encode(self.messages)) > self.budget:
             first = len(self.start)
             del self.messages[first: first + 2]  # the oldest question and its answer
+            self.dropped += 1
             say("(the oldest turn was dropped: the conversation no longer fits the model's context)")
         return ids
 

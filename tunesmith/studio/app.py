@@ -247,7 +247,7 @@ def add_compare_chat_routes(app: FastAPI, studio: Studio) -> None:
     async def chat_stream(request: Request):
         body = await _body(request)
         if not isinstance(body, dict):
-            raise Problem(400, 'send {"run": NAME, "side": "base"|"tuned", "prompt": TEXT}')
+            raise Problem(400, 'send {"run": NAME, "side": "base"|"tuned", "prompt": TEXT, "history": [...]}')
         folder = studio.folder(str(body.get("run", "")))
         side, prompt = body.get("side", "tuned"), body.get("prompt")
         if side not in ("base", "tuned"):
@@ -256,13 +256,32 @@ def add_compare_chat_routes(app: FastAPI, studio: Studio) -> None:
             raise Problem(400, "the prompt is empty")
         if side == "tuned" and not (folder / "final").is_dir() and not runs.checkpoint.step_folders(folder):
             raise Problem(409, f"{folder.name} has no checkpoint yet to chat with")
-        sampling = _sampling(body)
+        sampling, history = _sampling(body), _history(body)
         try:
-            pieces = await run_in_threadpool(chat.stream, studio.models, folder, side,
-                                             [{"role": "user", "content": prompt}], sampling)
+            answer = await run_in_threadpool(chat.stream, studio.models, folder, side, history, prompt, sampling)
         except (TunesmithError, OSError) as err:
             raise Problem(422, f"cannot load the {side} model of {folder.name}: {err}") from None
-        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+        if answer is None:
+            raise Problem(400, "the message is too long for the model's context with max_new_tokens "
+                               f"{sampling.max_new_tokens}")
+        pieces, dropped = answer
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8",
+                                 headers={"X-Dropped-Turns": str(dropped)})
+
+
+MAX_HISTORY = 200  # messages: 100 earlier turns
+
+
+def _history(body: dict) -> list[dict]:
+    """The earlier turns of this side's conversation: user and assistant messages, alternating."""
+    history = body.get("history", [])
+    whole_turns = isinstance(history, list) and len(history) % 2 == 0 and len(history) <= MAX_HISTORY
+    if not whole_turns or any(not isinstance(message, dict) or not isinstance(message.get("content"), str)
+                              or message.get("role") != ("user", "assistant")[index % 2]
+                              for index, message in enumerate(history)):
+        raise Problem(400, 'history: [{"role": "user", "content": TEXT}, {"role": "assistant", "content": TEXT}, '
+                           f"...]: whole turns, oldest first, at most {MAX_HISTORY} messages")
+    return [{"role": message["role"], "content": message["content"]} for message in history]
 
 
 def _sampling(body: dict) -> Sampling:

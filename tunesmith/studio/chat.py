@@ -1,5 +1,6 @@
 """Answers streamed from a run's base model and its tuned one, side by side for the same prompt:
-both loaded as `tunesmith chat` loads them (the run's own template), kept while in use."""
+both loaded as `tunesmith chat` loads them (the run's own template), kept while in use. Each side
+continues its own conversation: the page sends the earlier turns with that side's own answers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunesmith.infer.generate import Loaded, conversation_prompt, load_base, load_run, stop_token_ids
+from tunesmith.infer.chat import Conversation
+from tunesmith.infer.generate import Loaded, load_base, load_run, stop_token_ids
 from tunesmith.infer.request import Request, Sampling
 
 KEEP_MODELS = 2  # a base and a tuned model in memory; a third evicts the oldest
@@ -48,12 +50,19 @@ def _load(folder: Path, side: str) -> Loaded:
     return load_base(run_config.model, run_config.data.template, run_config.data.system_prompt, device="cpu")
 
 
-def stream(models: Models, folder: Path, side: str, messages: list[dict], sampling: Sampling) -> Iterator[str]:
+def stream(models: Models, folder: Path, side: str, history: list[dict], prompt: str,
+           sampling: Sampling) -> tuple[Iterator[str], int] | None:
     """Load the model now (its errors are the caller's); then the answer's pieces as they are
-    decoded. Closing the iterator (the page went away) stops the answer."""
+    decoded, and how many of the oldest turns were left out to fit the model's context, as
+    `tunesmith chat` does. None when the message alone does not fit. Closing the iterator (the
+    page went away) stops the answer."""
     loaded, lock = models.get(folder, side)
-    prompt_ids = loaded.encoder.encode_prompt(conversation_prompt(loaded, messages))
-    return _pieces(loaded, lock, Request(prompt_ids, sampling))
+    conversation = Conversation(loaded, None, sampling.max_new_tokens)
+    conversation.messages = [*conversation.start, *history]
+    prompt_ids = conversation.prompt_ids(prompt)
+    if prompt_ids is None:
+        return None
+    return _pieces(loaded, lock, Request(prompt_ids, sampling)), conversation.dropped
 
 
 def _pieces(loaded: Loaded, lock: threading.Lock, request: Request) -> Iterator[str]:

@@ -320,31 +320,62 @@ async function compareRuns() {
 
 // ---- chat ----
 
+let chatTurns = [];  // the conversation so far: {prompt, base, tuned}, each side with its own answers
+
+function chatHistory(side) {
+  return chatTurns.flatMap((turn) => [{ role: "user", content: turn.prompt }, { role: "assistant", content: turn[side] }]);
+}
+
+// One side's answer to `prompt`, streamed into a new turn of its conversation box; the text, or null if refused.
 async function streamAnswer(side, run, prompt, box) {
-  box.textContent = "";
+  const answer = el("pre", { class: "answer" });
+  box.append(el("div", { class: "you" }, prompt), answer);
   const headers = { "Content-Type": "application/json" };
   if (token) headers.Authorization = "Bearer " + token;
   const response = await fetch("/api/chat", { method: "POST", headers, body: JSON.stringify({
-    run, side, prompt, max_new_tokens: Number($("#chat-max").value), temperature: Number($("#chat-temp").value) }) });
+    run, side, prompt, history: chatHistory(side), max_new_tokens: Number($("#chat-max").value),
+    temperature: Number($("#chat-temp").value) }) });
   if (!response.ok) {
     const body = await response.json().catch(() => ({ problems: [response.statusText] }));
-    box.textContent = "error: " + body.problems.join("; ");
-    return;
+    answer.textContent = "error: " + body.problems.join("; ");
+    answer.classList.add("problem");
+    box.dataset.done = "1";
+    return null;
   }
+  const dropped = Number(response.headers.get("X-Dropped-Turns") || 0);
+  if (dropped) box.insertBefore(el("p", { class: "warning" }, `The ${dropped} oldest turn(s) were left out: ` +
+    "the conversation no longer fits the model's context."), answer);
   const reader = response.body.getReader(), decoder = new TextDecoder();
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    box.textContent += decoder.decode(value, { stream: true });
+    answer.textContent += decoder.decode(value, { stream: true });
+    box.scrollTop = box.scrollHeight;
   }
   box.dataset.done = "1";
+  return answer.textContent;
 }
 
 async function sendChat() {
   const run = $("#chat-run").value, prompt = $("#chat-prompt").value;
+  if (!prompt.trim()) return;
   $("#chat-command").textContent = `tunesmith chat --run ${knownRunsRoot()}/${run}   (and without --run: the base model)`;
   for (const box of [$("#chat-base"), $("#chat-tuned")]) delete box.dataset.done;
-  await Promise.all([streamAnswer("base", run, prompt, $("#chat-base")), streamAnswer("tuned", run, prompt, $("#chat-tuned"))]);
+  $("#chat-send").disabled = true;
+  const [base, tuned] = await Promise.all([streamAnswer("base", run, prompt, $("#chat-base")),
+                                           streamAnswer("tuned", run, prompt, $("#chat-tuned"))]);
+  $("#chat-send").disabled = false;
+  if (base !== null && tuned !== null) {  // a refused turn is shown but not sent again as history
+    chatTurns.push({ prompt, base, tuned });
+    $("#chat-prompt").value = "";
+  }
+  $("#chat-turns").textContent = chatTurns.length ? `${chatTurns.length} turn(s) in this conversation` : "";
+}
+
+function newConversation() {
+  chatTurns = [];
+  for (const box of [$("#chat-base"), $("#chat-tuned")]) { box.replaceChildren(); delete box.dataset.done; }
+  $("#chat-turns").textContent = "";
 }
 
 const knownRunsRoot = () => $("#root").textContent.replace(/^runs in /, "");
@@ -361,6 +392,8 @@ $("#upload").addEventListener("change", uploadFile);
 $("#compare-go").addEventListener("click", compareRuns);
 $("#compare-filter").addEventListener("change", compareRuns);
 $("#chat-send").addEventListener("click", sendChat);
+$("#chat-new").addEventListener("click", newConversation);
+$("#chat-run").addEventListener("change", newConversation);
 showTab();
 refreshRuns();
 setInterval(() => { refreshRuns(); if (openRun) refreshRun(); }, POLL_MS);
