@@ -13,9 +13,9 @@ import json
 import math
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import write_jsonl
 
 from tunesmith import config as config_module
@@ -381,6 +381,53 @@ def test_one_packed_micro_batch_equals_four_single_pair_micro_batches(adapted, m
         assert figures.keys() == packed_figures.keys()
         for key, value in packed_figures.items():  # rewards are differences of ~50-nat log-probs: abs 1e-5
             assert figures[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key
+
+
+# ---------------------------------------------------------------- held-out figures (evaluate) against the sums
+
+def test_held_out_pair_figures_are_the_papers_sums(adapted):
+    """evaluate's figures of a paired run (packed, in micro batches of 3 sequences, so a pair may be
+    cut across two) from one plain forward per sequence."""
+    from tunesmith.evaluate.preference import preference_scores
+
+    sequences = synthetic_pairs(adapted.config.vocab_size, n_pairs=6)
+    scores = preference_scores(adapted, split_of(sequences, pair_labels(sequences)), True, CPU, micro_batch_size=3)
+    with torch.no_grad():
+        logps = paper_logps(adapted, sequences)
+    lengths = torch.tensor([float(len(answer)) for _, answer, _ in sequences])
+    per_token = logps / lengths
+    assert scores["preference_pairs"] == 6
+    assert scores["preference_accuracy"] == pytest.approx(float((logps[0::2] > logps[1::2]).float().mean()))
+    assert 0 < scores["preference_accuracy"] < 1  # both outcomes occur: the comparison is really made
+    assert scores["logp_margin"] == pytest.approx(float((per_token[0::2] - per_token[1::2]).mean()), abs=1e-5)
+    assert scores["test_loss"] == pytest.approx(float(-logps[0::2].sum() / lengths[0::2].sum()), abs=1e-5)
+
+
+def test_held_out_kto_rows_answering_one_prompt_are_ranked_as_couples(adapted):
+    """KTO rows made from pairs (one desirable and one undesirable answer per prompt, plus a prompt with
+    two of each and one answered once): preference_accuracy is over every (desirable, undesirable)
+    couple of one prompt; without any such couple there is none."""
+    from tunesmith.evaluate.preference import preference_scores
+
+    vocab = adapted.config.vocab_size
+    pairs = synthetic_pairs(vocab, n_pairs=5)
+    extra = synthetic_pairs(vocab, n_pairs=2, seed=7)
+    shared = pairs[8][0]  # a prompt that gets two more answers, one of each label
+    sequences = [*pairs, (shared, extra[0][1], []), (shared, extra[1][1], []), extra[2]]
+    labels = [*pair_labels(pairs), True, False, True]
+    scores = preference_scores(adapted, split_of(sequences, labels), False, CPU, micro_batch_size=4)
+    with torch.no_grad():
+        logps = paper_logps(adapted, sequences)
+    couples = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (8, 11), (10, 9), (10, 11)]
+    expected = sum(float(logps[good] > logps[bad]) for good, bad in couples) / len(couples)
+    assert scores["preference_pairs"] == len(couples) and scores["preference_accuracy"] == pytest.approx(expected)
+    good = torch.tensor(labels)
+    lengths = torch.tensor([float(len(answer)) for _, answer, _ in sequences])
+    per_token = logps / lengths
+    assert scores["logp_margin"] == pytest.approx(float(per_token[good].mean() - per_token[~good].mean()), abs=1e-5)
+    unpaired = [sequences[i] for i in (0, 3, 4, 7)]  # four prompts, each answered once
+    alone = preference_scores(adapted, split_of(unpaired, [True, False, True, False]), False, CPU)
+    assert "preference_accuracy" not in alone and "preference_pairs" not in alone
 
 
 # ---------------------------------------------------------------- a planted preference, through the CLI

@@ -1,7 +1,10 @@
 """Held-out preference figures of one model (base or tuned) on a preference run's test split.
 
     preference_accuracy  share of test pairs whose chosen answer the model finds more likely than
-                         the rejected one (summed log-probability: what it would rather generate)
+                         the rejected one (summed log-probability: what it would rather generate).
+                         KTO: over every (desirable, undesirable) couple of answers to the same
+                         prompt, where the test rows have such couples (pairs turned into KTO rows)
+    preference_pairs     how many pairs or couples that share is of
     logp_margin          mean per-token log-prob of chosen minus rejected answers (KTO: desirable
                          minus undesirable answers), in nats per token
     test_loss            cross-entropy per token on the chosen (desirable) answers only
@@ -43,6 +46,23 @@ def preference_scores(model, split: TokenizedSplit, paired: bool, device, micro_
     if paired:
         accuracy = float((sums[0::2] > sums[1::2]).float().mean())
         margin = float((per_token[0::2] - per_token[1::2]).mean())
-        return {"preference_accuracy": accuracy, "logp_margin": margin, "test_loss": test_loss}
+        return {"preference_accuracy": accuracy, "preference_pairs": len(sums) // 2, "logp_margin": margin,
+                "test_loss": test_loss}
     margin = float(per_token[good].mean() - per_token[~good].mean()) if good.any() and (~good).any() else 0.0
-    return {"logp_margin": margin, "test_loss": test_loss}
+    couples = same_prompt_couples(split)
+    if not couples:
+        return {"logp_margin": margin, "test_loss": test_loss}
+    desirable, undesirable = torch.tensor(couples).T
+    accuracy = float((sums[desirable] > sums[undesirable]).float().mean())
+    return {"preference_accuracy": accuracy, "preference_pairs": len(couples), "logp_margin": margin,
+            "test_loss": test_loss}
+
+
+def same_prompt_couples(split: TokenizedSplit) -> list[tuple[int, int]]:
+    """(desirable, undesirable) row indices of KTO rows that answer the same prompt."""
+    by_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+    for index in range(len(split)):
+        ids, supervised = split.example(index)
+        start = int(supervised.nonzero()[0]) if supervised.any() else len(ids)
+        by_prompt.setdefault(tuple(ids[:start].tolist()), ([], []))[0 if split.labels[index] else 1].append(index)
+    return [(good, bad) for goods, bads in by_prompt.values() for good in goods for bad in bads]
