@@ -35,7 +35,7 @@ def timed(fn, repeats: int = 10) -> float:
 
 
 def multiply_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
-    copy = head.LaidOut(layer)
+    copy = head.Copy(layer)
     lines = ["| rows | F.linear (MKL) ms | oneDNN copy ms | speed-up |", "|---:|---:|---:|---:|"]
     for rows in ROWS:
         hidden = torch.randn(rows, layer.in_features)
@@ -52,7 +52,7 @@ def multiply_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
 def decode_steps(model, tokenizer, on: bool, steps: int = 25) -> tuple[float, list[list[int]]]:
     engine = Engine(model, tokenizer.pad_token_id)
     if not on:
-        model.get_output_embeddings().__dict__.pop("forward", None)
+        head.drop(model)
     for i in range(8):
         text = tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {3 * i}? "
                                                "Explain."}], tokenize=False, add_generation_prompt=True)
