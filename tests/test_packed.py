@@ -38,9 +38,9 @@ def test_a_packed_pass_gives_each_part_the_logits_and_cache_of_its_own_pass(tiny
 
 
 def test_a_packed_pass_runs_peft_adapters_one_at_a_time_or_named(tiny_models):
-    """A PEFT model with two LoRA adapters (random, non-zero): the active adapter, and an adapter
-    named for the pass (`adapter_names`, one name: a packed pass is one sequence), give the logits
-    and caches of separate passes."""
+    """A PEFT model with two LoRA adapters (random, non-zero): the active adapter, an adapter named
+    for the pass, and a different adapter for each row, give the logits and caches of separate
+    passes."""
     from peft import LoraConfig, get_peft_model
 
     model = load_base(str(tiny_models("llama")), device="cpu", precision="fp32").model
@@ -56,10 +56,13 @@ def test_a_packed_pass_runs_peft_adapters_one_at_a_time_or_named(tiny_models):
     assert not torch.allclose(plain, adapted, atol=1e-3)  # the adapter changes the answers
     _assert_packed_equals_separate(model)
     _assert_packed_equals_separate(model, adapter_names=["second"])
+    # rows of different adapters in one pass, the base model's too: each token goes through its row's
+    _assert_packed_equals_separate(model, names=(["first", "second", "__base__"], ["second", "first"]))
 
 
-def _assert_packed_equals_separate(model, **forward_kwargs):
-    """The three running rows and two prefixed prompts above, packed and apart."""
+def _assert_packed_equals_separate(model, names: tuple[list[str], list[str]] | None = None, **forward_kwargs):
+    """The three running rows and two prefixed prompts above, packed and apart. `names`: each
+    running row's and each prompt's own adapter (a PEFT model serving several at once)."""
     assert packable(model)
     vocab, generator = model.config.vocab_size, torch.Generator().manual_seed(0)
     prompts, prompts_mask = _left_padded([5, 3, 7], vocab, generator)
@@ -69,6 +72,8 @@ def _assert_packed_equals_separate(model, **forward_kwargs):
     decode_mask = torch.cat([prompts_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
 
     def per_row(rows: int) -> dict:
+        if names is not None:
+            return {"adapter_names": names[0] if rows == 3 else names[1]}
         return {key: value * rows for key, value in forward_kwargs.items()}  # adapter_names: one per row
 
     def caches():
@@ -88,8 +93,9 @@ def _assert_packed_equals_separate(model, **forward_kwargs):
                      past_key_values=prefilling, use_cache=True, **per_row(2)).logits[:, -2:]
         packed_running, packed_prefilling = caches()
         got_decoded, got_read = packed_forward(model, [
-            Part(tokens, decode_mask, _positions(decode_mask, 1), packed_running),
-            Part(chunk, chunk_mask, _positions(chunk_mask, 6), packed_prefilling, keep=2)], **forward_kwargs)
+            Part(tokens, decode_mask, _positions(decode_mask, 1), packed_running, adapters=names and names[0]),
+            Part(chunk, chunk_mask, _positions(chunk_mask, 6), packed_prefilling, keep=2,
+                 adapters=names and names[1])], **forward_kwargs)
     torch.testing.assert_close(got_decoded, decoded, rtol=1e-5, atol=1e-5)
     real = chunk_mask[:, -2:].bool()  # the first prompt's second-last column is padding
     assert real.sum() == 4

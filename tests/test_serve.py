@@ -295,6 +295,56 @@ def test_base_and_lora_adapters_share_one_batch(runs, reference):
         assert job.request.text == reference.complete(prompt, 6, adapters[job.served.name])[0]
 
 
+def test_newcomers_on_other_adapters_ride_in_the_running_rows_pass(runs, reference):
+    """Requests on the base and on two LoRA adapters arriving while others decode: once a row runs,
+    one forward pass a step, each token through its own row's adapter (the newcomers' prompts read in
+    8-token chunks inside it), and every answer is still the one PEFT gives it alone."""
+    from tunesmith.infer.engine import Engine, Request, Sampling
+    from tunesmith.infer.generate import stop_token_ids
+    from tunesmith.infer.registry import load_models
+
+    model_dir, sums, colors = runs
+    models = load_models(str(model_dir), [("sums", sums), ("colors", colors)], device="cpu", precision="fp32")
+    shared = models["sums"].loaded
+    passes = []
+    forward = shared.model.forward
+
+    def counting(*args, **kwargs):
+        passes.append("tunesmith_packed" in kwargs)
+        return forward(*args, **kwargs)
+
+    shared.model.forward = counting
+    try:
+        engine = Engine(shared.model, shared.tokenizer.pad_token_id, prefill_tokens=8, mixed_adapters=True)
+        assert engine.packs and engine.routes  # plain LoRA adapters: each token routed to its row's
+
+        def request(name, prompt, tokens):
+            ids = reference.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return models[name], Request(ids, Sampling(max_new_tokens=tokens))
+
+        schedule = {0: [request(model_dir.name, "hello", 14)],
+                    2: [request("sums", "What is 3 plus one?", 5), request("colors", "Name color 2", 6)],
+                    5: [request("colors", "red green blue and the quick brown fox jumps over the dog", 4)]}
+        per_step, admitted = [], []
+        while engine.busy or len(per_step) <= max(schedule):
+            for served, job in schedule.get(len(per_step), []):
+                engine.admit(job, served.loaded.tokenizer, stop_token_ids(served.loaded), served.peft_name)
+                admitted.append((served, job))
+            before = len(passes)
+            engine.step()
+            per_step.append((len(passes) - before, sum(passes[before:])))
+    finally:
+        del shared.model.forward
+    first = admitted[0][1]
+    answering = per_step[1:len(first.completion_ids) - 1]
+    assert all(count == 1 for count, _ in answering), per_step  # never a second pass for the newcomers
+    assert sum(packed for _, packed in answering) >= 4, per_step
+    adapters = {model_dir.name: None, "sums": sums, "colors": colors}
+    for served, job in admitted:
+        prompt = reference.tokenizer.decode(job.prompt_ids)
+        assert job.text == reference.complete(prompt, job.sampling.max_new_tokens, adapters[served.name])[0]
+
+
 def test_dora_adapters_switch_per_batch(runs, reference, tmp_path):
     """PEFT cannot mix DoRA rows with others, so a DoRA run makes the shared base switch adapters
     per batch (set_adapter / adapters off for the base); the answers still match PEFT's."""

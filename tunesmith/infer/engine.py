@@ -43,6 +43,7 @@ import functools
 import inspect
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 
 from tunesmith.infer import head
 from tunesmith.infer.attention import grouped_query_attention
-from tunesmith.infer.packed import Part, packable, packed_forward
+from tunesmith.infer.packed import Part, packable, packed_forward, routable, tokens_routed
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
@@ -287,6 +288,7 @@ class Engine:
         self.max_positions = context_length(model)
         self.keep_last = _accepts_logits_to_keep(model)  # the forward computes only the logits asked for
         self.packs = self.keep_last and packable(model)  # a prefill chunk rides in the decode pass (packed.py)
+        self.routes = not mixed_adapters or (self.packs and routable(model))  # ... rows of several adapters too
         self.pending: list[Row] = []  # admitted, prefill not started
         self.prefills: deque[_Prefill] = deque()
         self.running: _Group | None = None
@@ -435,7 +437,7 @@ class Engine:
         positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift a row's positions
         keep = max(1, end - max(prefill.done, read_from))  # the columns whose logits are read
         return Part(prefill.ids[:, prefill.done:end], prefill.mask[:, :columns.stop], positions[:, columns],
-                    prefill.cache, keep), end, read_from
+                    prefill.cache, keep, self._names(prefill.rows)), end, read_from
 
     def _prefilled(self, prefill: _Prefill, end: int) -> list[Row]:
         """A chunk is in: once the prompts are all in, the first tokens are sampled and the rows join
@@ -456,10 +458,10 @@ class Engine:
 
     def _packs_with_running(self, prefill: _Prefill) -> bool:
         """Whether the prefill's next chunk can go through the running rows' decode pass: a model
-        packed.py knows, and one adapter for all the rows (a packed pass is one sequence)."""
+        packed.py knows; rows of several adapters where packed.py can route each token to its own."""
         if not self.packs:
             return False
-        return not self.mixed_adapters or len({row.adapter_name for row in prefill.rows + self.running.rows}) == 1
+        return self.routes or len({row.adapter_name for row in prefill.rows + self.running.rows}) == 1
 
     def _advance_together(self) -> list[Row]:
         """One pass: every running row's next token and the oldest prefill's next chunk. Should it
@@ -468,9 +470,9 @@ class Engine:
         prefill, group = self.prefills[0], self.running
         chunk, end, read_from = self._prefill_part(prefill)
         tokens, mask, positions = self._feed_inputs(group)
+        running = Part(tokens, mask, positions, group.cache, adapters=self._names(group.rows))
         try:
-            decoded, logits = packed_forward(self.model, [Part(tokens, mask, positions, group.cache), chunk],
-                                             **self._adapters(group.rows[:1]))
+            decoded, logits = packed_forward(self.model, [running, chunk])
             if end > read_from:
                 self._read_logits(prefill, logits, end)
         except Exception:  # noqa: BLE001 — undone; the separate passes below isolate the failure
@@ -632,14 +634,23 @@ class Engine:
 
     def _adapters(self, rows: list[Row]) -> dict:
         """The forward's per-row adapter names, for a PEFT model serving several adapters at once."""
-        return {"adapter_names": [row.adapter_name for row in rows]} if self.mixed_adapters else {}
+        return {"adapter_names": self._names(rows)} if self.mixed_adapters else {}
+
+    def _names(self, rows: list[Row]) -> list[str] | None:
+        return [row.adapter_name for row in rows] if self.mixed_adapters else None
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache, keep: int = 1) -> torch.Tensor:
-        """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns."""
+        """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns.
+        Rows of several adapters go each through its own: packed.py's routing where it can (built
+        once a pass, where PEFT's own builds each adapter's row list again in every layer)."""
         per_row = self._adapters(rows)
+        routed = nullcontext()
+        if per_row and self.routes and self.packs and len(set(per_row["adapter_names"])) > 1:
+            routed = tokens_routed(self.model, [name for name in per_row.pop("adapter_names")
+                                                for _ in range(ids.shape[1])])
         limit = {"logits_to_keep": keep} if self.keep_last else {}
-        with grouped_query_attention(self.model):
+        with grouped_query_attention(self.model), routed:
             output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                 use_cache=True, **limit, **per_row)
         return output.logits[:, -keep:, :].float()

@@ -22,8 +22,9 @@ separate passes); other models take one pass per part.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 
@@ -45,6 +46,7 @@ class Part:
     positions: torch.Tensor
     cache: object  # a transformers DynamicCache
     keep: int = 1
+    adapters: list[str] | None = None  # a PEFT model serving several adapters: each row's adapter name
 
 
 def packable(model) -> bool:
@@ -69,12 +71,70 @@ def packed_forward(model, parts: list[Part], **model_kwargs) -> list[torch.Tenso
         offset += rows * columns
     layout = _PackedCache(parts)
     _register()
-    with attention_switched(model, PACKED):
+    names = _token_adapters(parts)
+    mixed = names is not None and len(set(names)) > 1
+    routed = tokens_routed(model, names) if mixed else nullcontext()
+    adapters = {"adapter_names": names[:1]} if names is not None and not mixed else {}
+    with attention_switched(model, PACKED), routed:
         output = model(input_ids=ids, position_ids=positions, past_key_values=layout, use_cache=True,
-                       logits_to_keep=torch.cat(kept), tunesmith_packed=layout, **model_kwargs)
+                       logits_to_keep=torch.cat(kept), tunesmith_packed=layout, **adapters, **model_kwargs)
     logits = output.logits[0].float()  # (kept, vocab)
     pieces = logits.split([len(k) for k in kept])
     return [piece.view(part.ids.shape[0], part.keep, -1) for piece, part in zip(pieces, parts)]
+
+
+def _token_adapters(parts: list[Part]) -> list[str] | None:
+    """Each token's adapter name, in the packed order; None when no part names its rows' adapters."""
+    if all(part.adapters is None for part in parts):
+        return None
+    return [name for part in parts for name in part.adapters for _ in range(part.ids.shape[1])]
+
+
+def routable(model) -> bool:
+    """Whether `tokens_routed` can run this PEFT model: plain LoRA on linear layers only (no DoRA or
+    other variants, nothing merged, no extra trained modules such as modules_to_save)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+    return bool(layers) and all(type(m) is LoraLinear and not m.lora_variant and not m.merged for m in layers)
+
+
+@contextmanager
+def tokens_routed(model, names: list[str]):
+    """Each token of a packed pass through its own row's LoRA adapter ("__base__": none). PEFT mixes
+    adapters per row of a batch, and a packed pass is one row; here, for the pass, every LoRA layer
+    computes its base layer for all tokens, then each adapter's update for its tokens only (their
+    indices built once for the pass), added in place."""
+    from peft.tuners.lora import LoraLayer
+
+    routes: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        routes.setdefault(name, []).append(index)
+    indices = {name: torch.tensor(at) for name, at in routes.items() if name != "__base__"}
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    before = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = partial(_routed_forward, layer, indices)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, before, strict=True):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
+
+
+def _routed_forward(layer, indices: dict[str, torch.Tensor], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    result = layer.base_layer(x, *args, **kwargs)
+    tokens, out = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
+    for name, at in indices.items():
+        if name not in layer.lora_A:
+            continue
+        update = layer.lora_A[name](layer.lora_dropout[name](tokens.index_select(0, at)))
+        out.index_add_(0, at, (layer.lora_B[name](update) * layer.scaling[name]).to(out.dtype))
+    return result
 
 
 class _PackedCache:
