@@ -18,6 +18,10 @@ MLP see every token at once, and only attention is done part by part, each over 
 Only for model types whose layers all attend fully and whose attention writes its keys through the
 cache and calls transformers' attention interface (checked in tests/test_engine.py against
 separate passes); other models take one pass per part.
+
+A PEFT model serving several LoRA adapters names each row's adapter (`Part.adapters`); the pass
+is one sequence, so `tokens_routed` sends each token through its own row's adapter (the engine's
+mixed-adapter passes of its own use it too).
 """
 
 from __future__ import annotations
