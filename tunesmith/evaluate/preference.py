@@ -20,7 +20,7 @@ from tunesmith.data.dataset import TokenizedSplit
 from tunesmith.train.attention import packed_attention, shares_prefixes
 from tunesmith.train.batching import pack
 from tunesmith.train.loss import unwrap
-from tunesmith.train.preference import sequence_logps
+from tunesmith.train.preference import _answer_start, sequence_logps
 
 
 @torch.no_grad()
@@ -63,6 +63,6 @@ def same_prompt_couples(split: TokenizedSplit) -> list[tuple[int, int]]:
     by_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
     for index in range(len(split)):
         ids, supervised = split.example(index)
-        start = int(supervised.nonzero()[0]) if supervised.any() else len(ids)
-        by_prompt.setdefault(tuple(ids[:start].tolist()), ([], []))[0 if split.labels[index] else 1].append(index)
+        prompt = tuple(ids[:_answer_start(supervised, len(ids))].tolist())
+        by_prompt.setdefault(prompt, ([], []))[0 if split.labels[index] else 1].append(index)
     return [(good, bad) for goods, bads in by_prompt.values() for good in goods for bad in bads]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from tunesmith.infer import head
 from tunesmith.infer.attention import grouped_query_attention
-from tunesmith.infer.packed import Part, packable, packed_forward, routable, tokens_routed
+from tunesmith.infer.packed import Part, packable, packed_forward, per_token, routable, tokens_routed
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
@@ -288,7 +288,7 @@ class Engine:
         self.max_positions = context_length(model)
         self.keep_last = _accepts_logits_to_keep(model)  # the forward computes only the logits asked for
         self.packs = self.keep_last and packable(model)  # a prefill chunk rides in the decode pass (packed.py)
-        self.routes = not mixed_adapters or (self.packs and routable(model))  # ... rows of several adapters too
+        self.routes = mixed_adapters and self.packs and routable(model)  # packed.py sends tokens to their adapters
         self.pending: list[Row] = []  # admitted, prefill not started
         self.prefills: deque[_Prefill] = deque()
         self.running: _Group | None = None
@@ -632,11 +632,8 @@ class Engine:
             positions = positions.clamp(max=self.max_positions - 1)
         return tokens, torch.cat([group.mask, group.mask.new_ones((len(group.rows), 1))], dim=1), positions
 
-    def _adapters(self, rows: list[Row]) -> dict:
-        """The forward's per-row adapter names, for a PEFT model serving several adapters at once."""
-        return {"adapter_names": self._names(rows)} if self.mixed_adapters else {}
-
     def _names(self, rows: list[Row]) -> list[str] | None:
+        """Each row's adapter name, for a PEFT model serving several adapters at once; else None."""
         return [row.adapter_name for row in rows] if self.mixed_adapters else None
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -644,11 +641,11 @@ class Engine:
         """Logits of the last `keep` columns, (rows, keep, vocab) fp32; `cache` takes the new columns.
         Rows of several adapters go each through its own: packed.py's routing where it can (built
         once a pass, where PEFT's own builds each adapter's row list again in every layer)."""
-        per_row = self._adapters(rows)
-        routed = nullcontext()
-        if per_row and self.routes and self.packs and len(set(per_row["adapter_names"])) > 1:
-            routed = tokens_routed(self.model, [name for name in per_row.pop("adapter_names")
-                                                for _ in range(ids.shape[1])])
+        names, per_row, routed = self._names(rows), {}, nullcontext()
+        if names is not None and self.routes and len(set(names)) > 1:
+            routed = tokens_routed(self.model, per_token(names, ids.shape[1]))
+        elif names is not None:
+            per_row = {"adapter_names": names}
         limit = {"logits_to_keep": keep} if self.keep_last else {}
         with grouped_query_attention(self.model), routed:
             output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -64,7 +64,7 @@ class LaidOutLinear(torch.nn.Linear):
 def lay_out(model) -> bool:
     """Give the model's output layer a fresh oneDNN copy of its weight; whether it has one now.
     Nothing changes where it does not fit the rules above."""
-    layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layer = _output_layer(model)
     if type(layer) not in (torch.nn.Linear, LaidOutLinear) or not _fits(layer.weight):
         return False
     COPIES.pop(layer, None)  # always afresh: an edit through `.data` leaves no version behind
@@ -84,10 +84,14 @@ def lay_out(model) -> bool:
 
 def drop(model) -> None:
     """The output layer back to a plain nn.Linear, its copy freed."""
-    layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layer = _output_layer(model)
     if type(layer) is LaidOutLinear:
         COPIES.pop(layer, None)
         layer.__class__ = torch.nn.Linear
+
+
+def _output_layer(model):
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def _fits(weight: torch.Tensor) -> bool:

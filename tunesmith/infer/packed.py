@@ -91,7 +91,12 @@ def _token_adapters(parts: list[Part]) -> list[str] | None:
     """Each token's adapter name, in the packed order; None when no part names its rows' adapters."""
     if all(part.adapters is None for part in parts):
         return None
-    return [name for part in parts for name in part.adapters for _ in range(part.ids.shape[1])]
+    return [name for part in parts for name in per_token(part.adapters, part.ids.shape[1])]
+
+
+def per_token(row_names: list[str], columns: int) -> list[str]:
+    """Rows' adapter names, one per token of rows x columns laid end to end."""
+    return [name for name in row_names for _ in range(columns)]
 
 
 def routable(model) -> bool:
