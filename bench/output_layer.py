@@ -7,7 +7,11 @@ tunesmith's oneDNN copy of the weight (tunesmith/infer/head.py), side by side in
 2. The engine's decode step with 8 running rows (the serve_load questions' kind of prompt), the
    copy on and off, alternating: the greedy tokens must be the same both ways.
 
-    .venv/bin/python bench/output_layer.py --model out/bench-export/merged
+With --strided, instead: the multiply of the last column of each of N prompts (60 columns each) as
+the view transformers' `logits_to_keep=1` slices (strided across rows) against the same rows side
+by side, as the engine now asks for them (column indices), fp32 and bf16.
+
+    .venv/bin/python bench/output_layer.py --model out/bench-export/merged [--strided]
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ def multiply_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
     return lines
 
 
+def strided_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
+    lines = ["| dtype | rows | strided view ms | side by side ms | slow-down |", "|---|---:|---:|---:|---:|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = layer.weight.detach().to(dtype)
+        for rows in (8, 64, 240):
+            hidden = torch.randn(rows, 60, layer.in_features, dtype=dtype)
+            view, packed = hidden[:, -1:, :], hidden[:, torch.tensor([59]), :]
+            strided, side = [], []
+            for _ in range(rounds):
+                strided.append(timed(lambda x=view: F.linear(x, weight), 2))
+                side.append(timed(lambda x=packed: F.linear(x, weight), 2))
+            a, b = statistics.median(strided), statistics.median(side)
+            lines.append(f"| {str(dtype).replace('torch.', '')} | {rows} | {a:.1f} | {b:.1f} | {a / b:.1f}x |")
+    return lines
+
+
 def decode_steps(model, tokenizer, on: bool, steps: int = 25) -> tuple[float, list[list[int]]]:
     engine = Engine(model, tokenizer.pad_token_id)
     if not on:
@@ -75,11 +95,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model directory (e.g. a run's merged/)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--strided", action="store_true", help="the kept columns as a strided view or side by side")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
     layer = model.get_output_embeddings()
     print(f"output weight {tuple(layer.weight.shape)} fp32, {torch.get_num_threads()} threads\n")
+    if args.strided:
+        with torch.inference_mode():
+            print("\n".join(strided_table(layer, args.rounds)))
+        return
     with torch.inference_mode():
         print("\n".join(multiply_table(layer, args.rounds)))
     times: dict[bool, list[float]] = {True: [], False: []}

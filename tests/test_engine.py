@@ -380,6 +380,25 @@ def test_a_step_records_nothing_for_autograd(tiny_models):
         assert not keys.requires_grad and keys.grad_fn is None and values.grad_fn is None
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_the_output_layer_gets_the_kept_columns_side_by_side(tiny_models, family):
+    """A prefill of several prompts keeps each one's last column. Kept as transformers' slice, those
+    rows are a view strided across the batch, which torch's CPU multiply takes 10x (fp32) to 400x
+    (bf16) longer over: the engine asks for column indices, so the output layer gets them packed
+    together, and the answers stay transformers' own."""
+    loaded = _loaded(tiny_models, family)
+    seen = []
+    hook = loaded.model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    requests = [Request(_ids(loaded, p), Sampling(max_new_tokens=4)) for p in PROMPTS]
+    _run(loaded, requests)
+    hook.remove()
+    assert any(rows > 1 for (rows, *_), _ in seen)  # the prompts' prefill, several rows at once
+    assert all(contiguous for _, contiguous in seen)
+    for request in requests:
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 4)
+
+
 def test_models_loaded_to_generate_keep_their_linear_weights_column_major(tiny_models):
     """A decode step multiplies a few rows by each weight, which MKL does faster from a column-major
     weight: the loaders for generation store them so (same values, same logits); export's loader,
