@@ -9,7 +9,8 @@ rows (1,000-2,000 tokens, 2 per step, max length 2,048). Everyone does the same 
 (the embedded model, no hub access), LoRA r=16 alpha=32 dropout 0 on every linear layer, AdamW at
 a constant 2e-4 with gradient clipping at 1.0, the prompt masked (completions only), in the
 precision tunesmith's `precision: auto` picks for this machine (bf16 only where a bf16 matmul
-measures faster), plus a bf16 row of each tool where the hardware has bf16 instructions. The data
+measures faster), plus a row of each tool in the other precision: bf16 where the hardware has bf16
+instructions but auto picks fp32, fp32 where auto picks bf16. The data
 is synthetic question/answer JSONL with the shape's lengths.
 
 tunesmith tokenizes it with its own `prepare`; TRL receives exactly those token ids and
@@ -100,7 +101,7 @@ class Variant:
     loss_chunk_size: int = 1024  # tunesmith only
     compact_memory: bool = False  # tunesmith only
     compile: bool = False  # tunesmith only
-    precision: str = "auto"  # auto (tunesmith's pick, for everyone) | bf16
+    precision: str = "auto"  # auto (tunesmith's pick, for everyone) | bf16 | fp32: the other precision's rows
     core: bool = True  # run by default (the others: --runs NAME or --runs all)
 
 
@@ -127,6 +128,10 @@ VARIANTS = [
             gradient_checkpointing=True, batching="packing"),
     Variant("trl-padding-free-bf16", "trl", "padding_free, no checkpointing, bf16", batching="padding_free",
             precision="bf16"),
+    # where precision auto picks bf16 (a CPU whose bf16 matmul measures faster, a GPU), fp32 is the other one
+    Variant("tunesmith-fp32", "tunesmith", "defaults, fp32 weights and maths (precision fp32)", precision="fp32"),
+    Variant("trl-packing-fp32", "trl", "packing (bfd, rows of max length), no checkpointing, fp32",
+            batching="packing", precision="fp32"),
 ]
 
 
@@ -683,7 +688,7 @@ def report(args, rows: list[Row], flops, peaks: dict, facts: dict, device: torch
     work = (f"SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout {LORA['dropout']} "
             f"on all linear layers, max length {shape.max_length}, {shape.batch} sequences per optimizer step, "
             f"AdamW lr {LEARNING_RATE} constant, grad clip 1.0, prompt masked, {dtype} (precision auto) unless "
-            f"a row says bf16; {args.steps + 1} steps ({facts['used_examples']} examples, "
+            f"a row names another precision; {args.steps + 1} steps ({facts['used_examples']} examples, "
             f"{facts['used_tokens']:,} tokens); step 1 is a warm-up, not timed")
     data = (f"{facts['rows']} synthetic question/answer rows (seed {args.seed}, log-normal lengths, median "
             f"{shape.median}, clipped to {shape.least}-{min(shape.most, shape.max_length)}); prompt+response "
@@ -763,8 +768,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=None, help="synthetic rows (default: batch x (steps + 1))")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the synthetic data")
     parser.add_argument("--runs", default="core", help="comma-separated run names, core (default: every TRL "
-                        "setting, tunesmith with and without checkpointing, the bf16 pair where the CPU has "
-                        "native bf16) or all: " + ", ".join(v.name for v in VARIANTS))
+                        "setting, tunesmith with and without checkpointing, and a pair in the precision auto does not "
+                        "pick: bf16 where the CPU has native bf16, fp32 where auto picks bf16) or all: " + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "train_speed")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-results", action="store_true", help="print the table only")
@@ -777,13 +782,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def chosen_variants(runs: str, device: torch.device) -> list[Variant]:
     by_name = {v.name: v for v in VARIANTS}  # in the order given, so a re-check can run them reversed
-    bf16_pays_a_look = device.type == "cuda" or cpu_has_bf16()
     if runs in ("core", "all"):
-        return [v for v in VARIANTS if (runs == "all" or v.core) and (v.precision == "auto" or bf16_pays_a_look)]
+        return [v for v in VARIANTS if (runs == "all" or v.core) and _other_precision_worth_a_row(v, device)]
     unknown = [n for n in runs.split(",") if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {list(by_name)}")
     return [by_name[n] for n in runs.split(",")]
+
+
+def _other_precision_worth_a_row(variant: Variant, device: torch.device) -> bool:
+    """A row in an explicit precision is shown where it is not the one auto picks (it would repeat a
+    row) and, for bf16, only where the hardware has it (an emulated bf16 matmul is hundreds of times
+    slower and would take minutes to measure)."""
+    if variant.precision == "auto":
+        return True
+    if {"bf16": torch.bfloat16, "fp32": torch.float32}[variant.precision] == pick_dtype("auto", device):
+        return False
+    return variant.precision != "bf16" or device.type == "cuda" or cpu_has_bf16()
 
 
 def run_shape(args, shape: Shape, wanted: list[Variant], peaks: dict, device: torch.device) -> dict | None:
