@@ -8,6 +8,9 @@ import pytest
 import torch
 from test_methods import NO_AUTOCAST, build, fixed_batch
 
+from tunesmith.config import RunConfig
+from tunesmith.model.adapters import load_for_training, prepare_for_training
+
 from tunesmith.model import fused_lora
 from tunesmith.model.fused_lora import LoraLinear, cheap_dropout, use_fused_lora
 from tunesmith.train.loop import train_step
@@ -52,6 +55,39 @@ def test_fused_equals_peft_loss_and_gradients(llama):
     assert fused_grads.keys() == peft_grads.keys()
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, peft_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_training_under_autocast_takes_the_fused_layer_and_trains_as_peft(llama, monkeypatch):
+    """precision bf16: frozen weights in bf16, LoRA weights in fp32, the maths under autocast. The
+    fused layer computes in bf16 as autocast makes PEFT's matmuls do; loss and gradients agree with
+    PEFT's path to bf16's rounding, and the LoRA gradients arrive in fp32 for their fp32 weights."""
+    config = RunConfig.model_validate({"model": str(llama), "method": "lora", "lora": {"dropout": 0.0}})
+    torch.manual_seed(0)
+    model = prepare_for_training(load_for_training(llama, config, "cpu", torch.bfloat16), config, torch.bfloat16)
+    randomised_adapters(model)
+    model.train()
+    calls = []
+    real = fused_lora.LoraLinear.apply
+    monkeypatch.setattr(fused_lora.LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    batch = fixed_batch(model.config.vocab_size)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = float(train_step(model, [batch], bf16, 64))
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = run()
+    assert calls and all(g.dtype == torch.float32 for g in fused_grads.values())
+    use_fused_lora(model, on=False)
+    calls.clear()
+    peft_loss, peft_grads = run()
+    assert not calls
+    assert fused_loss == pytest.approx(peft_loss, rel=2e-2)
+    for name, grad in fused_grads.items():
+        reference = peft_grads[name]
+        assert grad.abs().max() > 0
+        assert (grad - reference).norm() <= 0.05 * reference.norm(), name  # bf16 rounding, not another gradient
 
 
 @pytest.mark.parametrize("with_dropout", [False, True])

@@ -14,10 +14,13 @@ training step. Here one autograd function does it with matmuls only:
 and dropout draws its mask from 16-bit slices of random 64-bit words (the probability rounded to a
 multiple of 1/65536), several times cheaper than `bernoulli_`.
 
-`use_fused_lora(model)` gives each eligible PEFT LoRA Linear this forward. Whenever a call is
-outside what it covers (adapters disabled or merged, several adapters, DoRA, a quantized or sharded
-base layer, autocast, mixed dtypes, not a CPU), it runs PEFT's own forward, so results never
-depend on which path ran; tests hold the two to 1e-5.
+`use_fused_lora(model)` gives each eligible PEFT LoRA Linear this forward. Under CPU autocast to
+the frozen weight's dtype (bf16 training: bf16 weights, fp32 LoRA weights and optimizer state) it
+computes in that dtype, as autocast makes PEFT's matmuls do, the LoRA weights cast for the call and
+their gradients cast back. Whenever a call is outside what it covers (adapters disabled or merged,
+several adapters, DoRA, a quantized or sharded base layer, autocast to another dtype, mixed dtypes
+without autocast, not a CPU), it runs PEFT's own forward, so results never depend on which path
+ran; tests hold the two to 1e-5 in fp32 and to bf16's rounding under autocast.
 """
 
 from __future__ import annotations
@@ -74,11 +77,12 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_dropped, None, grad_bias, grad_a, grad_b, None
 
 
-def _covered(layer, x: torch.Tensor, args, kwargs) -> str | None:
-    """The one active adapter's name when this call is one the fused path computes exactly."""
+def _covered(layer, x: torch.Tensor, args, kwargs) -> tuple[str, torch.dtype] | None:
+    """The one active adapter's name, and the dtype to compute in, when this call is one the fused
+    path computes as PEFT's does."""
     if args or kwargs or layer.disable_adapters or layer.merged or x.device.type != "cpu":
         return None
-    if torch.is_autocast_enabled("cpu") or len(layer.active_adapters) != 1:
+    if len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
     base = layer.base_layer
@@ -89,22 +93,28 @@ def _covered(layer, x: torch.Tensor, args, kwargs) -> str | None:
         return None
     if any(type(t.data) is not torch.Tensor for t in (weight, lora_a, lora_b)):  # e.g. FSDP's DTensors
         return None
+    if torch.is_autocast_enabled("cpu"):  # autocast computes PEFT's matmuls in its dtype
+        if torch.get_autocast_dtype("cpu") != weight.dtype or not (base.bias is None or base.bias.dtype == weight.dtype):
+            return None
+        return name, weight.dtype
     if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
         return None
-    return name
+    return name, weight.dtype
 
 
 def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _covered(layer, x, args, kwargs)
-    if name is None:
+    covered = _covered(layer, x, args, kwargs)
+    if covered is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    name, dtype = covered
     dropout = layer.lora_dropout[name]
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
     dropped = cheap_dropout(flat, p) if p > 0 else None
     base = layer.base_layer
-    y = LoraLinear.apply(flat, dropped, base.weight, base.bias, layer.lora_A[name].weight,
-                         layer.lora_B[name].weight, float(layer.scaling[name]))
+    with torch.autocast("cpu", enabled=False):  # every operand is in `dtype` already
+        y = LoraLinear.apply(flat, dropped, base.weight, base.bias, layer.lora_A[name].weight.to(dtype),
+                             layer.lora_B[name].weight.to(dtype), float(layer.scaling[name]))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
