@@ -4,7 +4,7 @@ other, through bench/serve_load.py at several client counts.
     .venv/bin/python bench/serve_compare.py --merged RUN/merged --gguf RUN/export-f16/RUN.f16.gguf \
         [--clients 1 8 64] [--seconds 30] [--batch 32] [--write]
 
---merged is `tunesmith merge RUN` (served by tunesmith, fp32), --gguf the same run exported by
+--merged is `tunesmith merge RUN` (served by tunesmith in the precision auto picks), --gguf the same run exported by
 `tunesmith export RUN --type f16` (served by llama-server, built once by bench/llama_server.py).
 Both get the same batch size / parallel slots and their default CPU threads. Run it alone.
 """

@@ -741,9 +741,9 @@ def notes(peaks: dict, device: torch.device) -> list[str]:
         ratio = peaks["float32"] / peaks["bfloat16"]
         native = "has native bf16 (avx512_bf16" + (" / AMX)" if "amx" in cpu_flags() else ", no AMX)")
         pick = str(pick_dtype("auto", device)).replace("torch.", "")
+        speed = f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
         lines.append(f"- This CPU {native if cpu_has_bf16() else 'has no native bf16'}: a bf16 matmul runs "
-                     f"{ratio:.2f}x {'slower' if ratio > 1 else 'faster'} than fp32 here (the peaks above), "
-                     f"so precision auto trains in {pick}.")
+                     f"{speed} than fp32 here (the peaks above), so precision auto trains in {pick}.")
     elif device.type == "cpu":
         lines.append("- No bf16 rows: this CPU has no native bf16 (no avx512_bf16 / AMX), where a bf16 matmul runs "
                      "hundreds of times slower than fp32; precision auto trains in fp32.")
