@@ -371,3 +371,33 @@ def test_compiled_layers_run_and_give_the_same_losses(cli, llama, tmp_path):
     assert compiled_frames["true"] >= 1 and graphs["true"] >= 1, (compiled_frames, graphs)
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_short_bf16_pieces_are_attended_in_fp32_and_long_ones_in_bf16():
+    """On a CPU, torch's flash attention takes about twice as long in bf16 as in fp32 for short
+    examples: varlen_attention widens the pieces shorter than FP32_BELOW, gradients included, and
+    leaves longer ones in bf16."""
+    import torch.nn.functional as F
+
+    from tunesmith.train import attention
+
+    generator = torch.Generator().manual_seed(0)
+    short, long = 12, attention.FP32_BELOW
+    total = short + long
+    q = torch.randn(1, 4, total, 16, generator=generator).bfloat16().requires_grad_()
+    k = torch.randn(1, 2, total, 16, generator=generator).bfloat16().requires_grad_()
+    v = torch.randn(1, 2, total, 16, generator=generator).bfloat16().requires_grad_()
+    module = torch.nn.Module().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16 training runs it
+        out, _ = attention.varlen_attention(module, q, k, v, None, tunesmith_segments=[(0, short), (short, total)])
+    assert out.dtype == torch.bfloat16 and out.shape == (1, total, 4, 16)
+
+    def sdpa(start, end, dtype):
+        piece = [t[:, :, start:end].to(dtype) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*piece, is_causal=True, enable_gqa=True).bfloat16().transpose(1, 2)
+
+    assert torch.equal(out[:, :short], sdpa(0, short, torch.float32))  # widened: fp32's result, rounded once
+    assert not torch.equal(sdpa(0, short, torch.float32), sdpa(0, short, torch.bfloat16))  # which bf16 would not give
+    assert torch.equal(out[:, short:], sdpa(short, total, torch.bfloat16))
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad[:, :, :short].abs().sum() > 0 and k.grad[:, :, short:].abs().sum() > 0

@@ -3,6 +3,10 @@ block-diagonal mask. The packed row is cut at example boundaries and SDPA runs c
 piece — the CPU counterpart of flash-attention's varlen kernel. Costs O(sum of len^2), not O(T^2).
 A layer's sliding window, which transformers passes to the attention function, is honoured.
 
+In bf16 on a CPU a short piece is attended in fp32 (FP32_BELOW): torch's CPU flash attention
+forward and backward take about twice as long in bf16 as in fp32 for 64-166 tokens (the same at
+about 256-400, faster in bf16 from there; measured on an AMD EPYC with avx512_bf16).
+
 A row may begin with a prefix every example shares (train/batching.py): each example's queries then
 see the prefix's keys and values before their own, as if it were their own first tokens.
 
@@ -12,13 +16,14 @@ a model to it only for training forwards (generation keeps SDPA with its padding
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 VARLEN = "tunesmith_varlen"
+FP32_BELOW = 256  # bf16 pieces shorter than this are attended in fp32 on a CPU (see above)
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -40,8 +45,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             causal = {"attn_mask": _after_prefix(q.shape[2], prefix, q.device)}
         else:
             causal = _causal(q.shape[2], sliding_window, q.device)
-        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scaling,
-                                                      enable_gqa=groups > 1, **causal))
+        widen = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] < FP32_BELOW
+        if widen:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if widen else nullcontext():  # autocast would narrow them again
+            output = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scaling,
+                                                    enable_gqa=groups > 1, **causal)
+        outputs.append(output.to(torch.bfloat16) if widen else output)
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
     return output.transpose(1, 2).contiguous(), None
 
