@@ -62,8 +62,8 @@ def strided_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
             view, packed = hidden[:, -1:, :], hidden[:, torch.tensor([59]), :]
             strided, side = [], []
             for _ in range(rounds):
-                strided.append(timed(lambda x=view: F.linear(x, weight), 2))
-                side.append(timed(lambda x=packed: F.linear(x, weight), 2))
+                strided.append(timed(lambda x=view, w=weight: F.linear(x, w), 2))
+                side.append(timed(lambda x=packed, w=weight: F.linear(x, w), 2))
             a, b = statistics.median(strided), statistics.median(side)
             lines.append(f"| {str(dtype).replace('torch.', '')} | {rows} | {a:.1f} | {b:.1f} | {a / b:.1f}x |")
     return lines

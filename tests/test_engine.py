@@ -383,7 +383,7 @@ def test_a_step_records_nothing_for_autograd(tiny_models):
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
 def test_the_output_layer_gets_the_kept_columns_side_by_side(tiny_models, family):
     """A prefill of several prompts keeps each one's last column. Kept as transformers' slice, those
-    rows are a view strided across the batch, which torch's CPU multiply takes 10x (fp32) to 400x
+    rows are a view strided across the batch, which torch's CPU multiply takes 2-9x (fp32) to 550x
     (bf16) longer over: the engine asks for column indices, so the output layer gets them packed
     together, and the answers stay transformers' own."""
     loaded = _loaded(tiny_models, family)

@@ -9,9 +9,8 @@ import torch
 from test_methods import NO_AUTOCAST, build, fixed_batch
 
 from tunesmith.config import RunConfig
-from tunesmith.model.adapters import load_for_training, prepare_for_training
-
 from tunesmith.model import fused_lora
+from tunesmith.model.adapters import load_for_training, prepare_for_training
 from tunesmith.model.fused_lora import LoraLinear, cheap_dropout, use_fused_lora
 from tunesmith.train.loop import train_step
 
