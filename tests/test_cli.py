@@ -50,6 +50,8 @@ def test_prepare_finetune_evaluate_generate(project):
     assert trained.code == 0, trained.err
     assert "Reusing prepared data" in trained.err
     assert "Trained 60 steps" in trained.out
+    assert "Attention over packed rows: per_example (CPU: SDPA on each example" in trained.err
+    assert "output-layer loss: chunked" in trained.err
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "best").is_dir()
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "lr.png", "throughput.png"}
 

@@ -134,8 +134,8 @@ def test_flops_per_token_by_hand(llama, vocab):
 def test_activation_formula_matches_what_autograd_keeps(llama, method, dropout):
     """Bytes of the tensors saved for backward in a real packed training forward, against the formula."""
     from tunesmith.model.adapters import load_for_training, prepare_for_training
-    from tunesmith.train.attention import packed_attention
     from tunesmith.train.batching import PackedBatch
+    from tunesmith.train.kernels import packed_attention
     from tunesmith.train.loss import loss_sum, unwrap
 
     run = config(llama, method, lora={"dropout": dropout}, data={"max_seq_length": 128})

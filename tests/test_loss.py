@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tiny import FAMILIES
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import pack
+from tunesmith.train.kernels import packed_attention
 from tunesmith.train.loss import chunked_cross_entropy, logit_transform, loss_sum
 
 

@@ -13,8 +13,8 @@ from helpers import fast_train_flags, qa_rows, write_jsonl
 
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import StepPlan, pack, pack_sequences
+from tunesmith.train.kernels import packed_attention
 from tunesmith.train.loop import train_step
 from tunesmith.train.optim import build_optimizer, lr_at
 

@@ -157,6 +157,15 @@ class TrainConfig(Section):
     tensorboard: bool = Field(False, description="also write TensorBoard scalars (loss, val loss, lr, "
                               "tokens/s, grad norm) to <run>/tensorboard (needs tunesmith[tensorboard])")
     loss_chunk_size: int = Field(1024, ge=16, description="supervised positions per chunk of the output layer")
+    attention: Literal["auto", "per_example", "flash_varlen", "flex", "transformers"] = Field(
+        "auto", description="attention over packed rows (each example sees only itself): auto (CPU: "
+        "per_example; CUDA: flash_varlen where flash-attn is installed and the run is bf16, else flex) | "
+        "per_example (SDPA on each example) | flash_varlen (FlashAttention's varlen kernel) | flex (PyTorch's "
+        "flex attention, CUDA) | transformers (its own, from position ids); the choice is logged at start")
+    loss_kernel: Literal["chunked", "liger", "cce"] = Field(
+        "chunked", description="the output layer's loss: chunked (tunesmith's; never holds all logits) | "
+        "liger (Liger's fused linear cross-entropy) | cce (cut cross-entropy); the fused ones are CUDA only "
+        "and need tunesmith[gpu]")
 
 
 class LoraConfig(Section):

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from tunesmith import config as config_module
-from tunesmith import locks
-from tunesmith import plots
+from tunesmith import locks, plots
 from tunesmith.config import RunConfig, dump
 from tunesmith.data.prepare import data_key, prepare, summary_lines
 from tunesmith.data.templates import choose
@@ -20,8 +19,7 @@ from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.log import say
 from tunesmith.model.adapters import count_parameters, load_for_training, prepare_for_training
 from tunesmith.model.load import load_tokenizer, resolve
-from tunesmith.train import checkpoint, distributed, loop
-from tunesmith.train.attention import shares_prefixes
+from tunesmith.train import checkpoint, distributed, kernels, loop
 from tunesmith.train.loss import unwrap
 
 
@@ -42,8 +40,10 @@ class Setup:
 
 def set_up(config: RunConfig) -> Setup:
     run_dir = config.run_dir
-    if not distributed.under_torchrun():
-        pick_device(config.train.device)  # a device this machine lacks: refused before anything is written
+    if not distributed.under_torchrun():  # a device or kernel this machine lacks: refused before anything is written
+        device = pick_device(config.train.device)
+        kernels.check_requested(config.train.attention, config.train.loss_kernel, device,
+                                pick_dtype(config.train.precision, device))
     if config.init_from:  # the starting point becomes this run's model: chat, merge and export use it
         config = config.model_copy(update={"model": str(starting_model(config))})
     location = resolve(config.model)
@@ -77,6 +77,7 @@ def set_up(config: RunConfig) -> Setup:
     trainable, total = count_parameters(model)
     weights = f"{config.method} on {config.weights}" if config.objective != "sft" else config.method
     say(f"Model {config.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({weights})")
+    say(kernels.choose(unwrap(model), config.train.attention, config.train.loss_kernel).describe())
     return Setup(config, tokenizer, prepared, group, device, dtype, model, resume_from)
 
 
@@ -125,7 +126,7 @@ def make_objective(model, config: RunConfig, prepared, device, dtype, group):
     """What the steps minimise: supervised cross-entropy, or a preference loss (whose full fine-tunes get
     their reference log-probs now, from the weights as loaded, before any step or resume)."""
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    share = shares_prefixes(unwrap(model))  # a micro batch's common beginning (system block) computed once
+    share = kernels.shares_prefixes(unwrap(model))  # a micro batch's common beginning (system block) computed once
     if config.objective == "sft":
         from tunesmith.train.objective import Supervised
 

@@ -36,8 +36,8 @@ from tunesmith.infer.engine import Sampling
 from tunesmith.infer.generate import Loaded, load_base, load_run, run_requests
 from tunesmith.log import say
 from tunesmith.model.load import load_tokenizer, resolve
-from tunesmith.train.attention import packed_attention, shares_prefixes
 from tunesmith.train.batching import pack
+from tunesmith.train.kernels import packed_attention, shares_prefixes
 from tunesmith.train.loss import loss_sum
 
 

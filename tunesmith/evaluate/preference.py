@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention, shares_prefixes
 from tunesmith.train.batching import pack
+from tunesmith.train.kernels import packed_attention, shares_prefixes
 from tunesmith.train.loss import unwrap
 from tunesmith.train.preference import _answer_start, sequence_logps
 

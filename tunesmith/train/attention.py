@@ -10,13 +10,14 @@ about 256-400, faster in bf16 from there; measured on an AMD EPYC with avx512_bf
 A row may begin with a prefix every example shares (train/batching.py): each example's queries then
 see the prefix's keys and values before their own, as if it were their own first tokens.
 
-Registered with transformers' AttentionInterface under VARLEN; `packed_attention(model)` switches
-a model to it only for training forwards (generation keeps SDPA with its padding mask).
+Registered with transformers' AttentionInterface under VARLEN; train/kernels.py's
+`packed_attention(model)` switches a model to it (or to a CUDA kernel, train/varlen_cuda.py) only for
+training forwards (generation keeps SDPA with its padding mask).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import cache
 
 import torch
@@ -82,36 +83,3 @@ def register() -> None:
 
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, _no_mask)
-
-
-def use_varlen(hf_model) -> bool:
-    """The per-example loop pays on CPU, where maths dominates. On CUDA many small kernel launches
-    cost more than they save, so transformers' own packed-sequence handling is used there (it
-    reads the restarting position ids). Models whose attention SDPA cannot express (logit
-    soft-capping) also take transformers' path."""
-    device = next(hf_model.parameters()).device
-    return device.type == "cpu" and getattr(hf_model.config, "attn_logit_softcapping", None) is None
-
-
-def shares_prefixes(hf_model) -> bool:
-    """Whether packed rows for this model may hold a shared prefix: the per-example loop runs (CPU)
-    and no layer has a sliding window (a window would have to count the prefix's tokens too)."""
-    config = hf_model.config
-    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None)
-                                                                                   or ())
-    return use_varlen(hf_model) and not sliding
-
-
-@contextmanager
-def packed_attention(hf_model):
-    if not use_varlen(hf_model):
-        yield False
-        return
-    register()
-    config = hf_model.config
-    previous = config._attn_implementation
-    config._attn_implementation = VARLEN
-    try:
-        yield True
-    finally:
-        config._attn_implementation = previous

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.train.attention import VARLEN
+from tunesmith.train.kernels import fused_loss_sum, loss_kernel
 
 
 def inner(model):
@@ -186,8 +187,12 @@ def token_logps(model, batch, chunk_size: int = 1024) -> torch.Tensor:
 
 def _loss_sum(model, batch, chunk_size: int) -> torch.Tensor:
     hf_model = unwrap(model)
-    return chunked_cross_entropy(supervised_hidden(hf_model, batch), hf_model.get_output_embeddings(),
-                                 batch.targets, logit_transform(hf_model.config), chunk_size)
+    hidden, kernel = supervised_hidden(hf_model, batch), loss_kernel(hf_model)
+    if kernel != "chunked":  # a fused CUDA kernel the run asked for (train/kernels.py checked it applies)
+        softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+        return fused_loss_sum(kernel, hidden, hf_model.get_output_embeddings(), batch.targets, softcap)
+    return chunked_cross_entropy(hidden, hf_model.get_output_embeddings(), batch.targets,
+                                 logit_transform(hf_model.config), chunk_size)
 
 
 def _token_logps(model, batch, chunk_size: int) -> torch.Tensor:

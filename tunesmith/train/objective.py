@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, pack
 from tunesmith.train.distributed import Group, accumulating
+from tunesmith.train.kernels import packed_attention
 from tunesmith.train.loss import loss_sum, unwrap
 
 

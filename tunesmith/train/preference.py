@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from tunesmith.config import PAIRED_METHODS
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.attention import packed_attention
 from tunesmith.train.batching import PackedBatch, pack_sequences
 from tunesmith.train.distributed import Group, accumulating
+from tunesmith.train.kernels import packed_attention
 from tunesmith.train.loss import inner, token_logps, unwrap
 
 WITH_REFERENCE = ("dpo", "kto")
