@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-quality clean
+.PHONY: demo test install bench bench-quality bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) bench/quality.py
+
+# one CUDA GPU: tunesmith against TRL, Liger / cut cross-entropy and Unsloth where they install
+bench-gpu: $(STAMP)
+	$(PIP) install --quiet -e '.[bench,gpu]'
+	$(PY) bench/gpu_speed.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -103,6 +103,9 @@ class Variant:
     compile: bool = False  # tunesmith only
     precision: str = "auto"  # auto (tunesmith's pick, for everyone) | bf16 | fp32: the other precision's rows
     core: bool = True  # run by default (the others: --runs NAME or --runs all)
+    method: str = "lora"  # lora | qlora (4-bit frozen weights, bitsandbytes)
+    attention: str = "auto"  # tunesmith only: train.attention
+    loss_kernel: str = "chunked"  # tunesmith only: train.loss_kernel
 
 
 VARIANTS = [
@@ -202,8 +205,13 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The shared run description, and the work each step does.
 
+def shape_of(spec: dict) -> Shape:
+    """The spec's workload: one of SHAPES by name, or (bench/gpu_speed.py) spelled out."""
+    return Shape(**spec["shape_spec"]) if "shape_spec" in spec else SHAPES[spec["shape"]]
+
+
 def tunesmith_config(data_path: Path, out_dir: Path, total_steps: int, variant: Variant | None,
-                     shape: Shape) -> RunConfig:
+                     shape: Shape, model: str = MODEL) -> RunConfig:
     """The one RunConfig all tunesmith runs share; a variant changes only its own knobs."""
     train = {"learning_rate": LEARNING_RATE, "batch_size": shape.batch, "micro_batch_size": shape.batch,
              "max_steps": total_steps, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0,
@@ -212,8 +220,10 @@ def tunesmith_config(data_path: Path, out_dir: Path, total_steps: int, variant: 
     if variant is not None:
         train.update(gradient_checkpointing=variant.gradient_checkpointing,
                      loss_chunk_size=variant.loss_chunk_size, compact_memory=variant.compact_memory,
-                     compile=variant.compile, precision=variant.precision)
-    return build({"model": MODEL, "method": "lora", "out_dir": str(out_dir),
+                     compile=variant.compile, precision=variant.precision, attention=variant.attention,
+                     loss_kernel=variant.loss_kernel)
+    method = variant.method if variant is not None else "lora"
+    return build({"model": model, "method": method, "out_dir": str(out_dir),
                   "data": {"path": str(data_path), "val_split": 0.0, "test_split": 0.0,
                            "max_seq_length": shape.max_length, "mask_prompt": True, "seed": SEED},
                   "train": train, "lora": {**LORA, "target_modules": "all-linear"}})
@@ -294,8 +304,9 @@ def run_tunesmith(variant: Variant, spec: dict) -> dict:
     from tunesmith.finetune import finetune
     from tunesmith.train.metrics import read
 
-    run_dir, shape = Path(spec["run_dir"]), SHAPES[spec["shape"]]
-    config = tunesmith_config(Path(spec["data"]), run_dir, spec["total_steps"], variant, shape)
+    run_dir, shape = Path(spec["run_dir"]), shape_of(spec)
+    config = tunesmith_config(Path(spec["data"]), run_dir, spec["total_steps"], variant, shape,
+                              spec.get("model", MODEL))
     padded = _finetune_padded(config, shape) if variant.batching == "padded" else None
     if padded is None:
         finetune(config)
@@ -340,7 +351,7 @@ class StepWork:
 def _trl_config(variant: Variant, spec: dict, dtype: torch.dtype, rows_per_step: int):
     from trl import SFTConfig
 
-    max_length = SHAPES[spec["shape"]].max_length
+    max_length = shape_of(spec).max_length
     batching = {"padded": {"packing": False, "padding_free": False, "max_length": max_length},
                 # the rows are already at most max_length (tunesmith truncated them); TRL refuses
                 # padding_free without packing unless max_length is None
@@ -379,26 +390,51 @@ def _trl_timer():
     return StepTimer()
 
 
+def trl_model_options(variant: Variant, spec: dict, dtype: torch.dtype) -> dict:
+    """Attention (FlashAttention 2 where bench/gpu_speed.py found it installed) and, for QLoRA, the
+    4-bit quantization TRL's docs give: nf4, double quantization, computing in the run's dtype."""
+    options = {"attn_implementation": spec.get("trl_attention", "sdpa")}
+    if variant.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    return options
+
+
+def trl_rows_per_step(variant: Variant, spec: dict) -> int:
+    """The shape's batch; packing: rows of max length holding about the same tokens as that batch."""
+    shape = shape_of(spec)
+    if variant.batching != "packing":
+        return shape.batch
+    rows = json.loads(Path(spec["tokens"]).read_text())
+    mean_length = statistics.mean(len(r["input_ids"]) for r in rows)
+    return max(1, round(shape.batch * mean_length / shape.max_length))
+
+
 def run_trl(variant: Variant, spec: dict) -> dict:
-    import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
 
-    device = pick_device("auto")
-    dtype = pick_dtype(variant.precision, device)
-    location = str(resolve(MODEL))
-    rows = json.loads(Path(spec["tokens"]).read_text())
-    dataset = datasets.Dataset.from_list(rows)
-    shape = SHAPES[spec["shape"]]
-    rows_per_step = shape.batch
-    if variant.batching == "packing":  # about the same tokens per step as the shape's unpacked examples
-        mean_length = statistics.mean(len(r["input_ids"]) for r in rows)
-        rows_per_step = max(1, round(shape.batch * mean_length / shape.max_length))
+    dtype = pick_dtype(variant.precision, pick_device("auto"))
+    location = str(resolve(spec.get("model", MODEL)))
     tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **trl_model_options(variant, spec, dtype))
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM", bias="none")
+    rows_per_step = trl_rows_per_step(variant, spec)
+    return train_with_trl(variant, spec, model, tokenizer, lora, dtype, rows_per_step)
+
+
+def train_with_trl(variant: Variant, spec: dict, model, tokenizer, lora, dtype: torch.dtype,
+                   rows_per_step: int) -> dict:
+    """TRL's SFTTrainer over the spec's token ids in their order; lora None: the model has its adapters."""
+    import datasets
+    from trl import SFTTrainer
+
+    dataset = datasets.Dataset.from_list(json.loads(Path(spec["tokens"]).read_text()))
+
     class InOrder(SFTTrainer):
         """The dataset's own order (tunesmith's step plan), not a random permutation."""
 
@@ -454,14 +490,14 @@ class Row:
         return statistics.mean(tail) if tail else float("nan")
 
 
-def run_child(variant: Variant, spec: dict, work_dir: Path) -> Row:
+def run_child(variant: Variant, spec: dict, work_dir: Path, script: Path | None = None) -> Row:
     run_dir = work_dir / variant.name
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "variant": variant.__dict__, "run_dir": str(run_dir),
             "result": str(run_dir / "result.json")}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     Path(spec["result"]).unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
+    command = [sys.executable, str(script or Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
     child = run_measured(command, run_dir / "child.log", HERE.parent, CHILD_TIMEOUT_SECONDS)
     row = Row(variant, ok=False, wall_seconds=child.wall_seconds, peak_bytes=child.peak_bytes)
     if child.returncode != 0 or not Path(spec["result"]).is_file():
@@ -501,24 +537,25 @@ def flop_model(config: RunConfig):
     from tunesmith.model.load import load_model
     from tunesmith.train.flops import FlopModel
 
-    model = prepare_for_training(load_model(resolve(MODEL)), config, torch.float32)
+    model = prepare_for_training(load_model(resolve(config.model)), config, torch.float32)
     return FlopModel.of(model)
 
 
-def prepare_data(args, work_dir: Path, total_steps: int) -> tuple[Path, Path, dict]:
+def prepare_data(args, work_dir: Path, total_steps: int, shape: Shape | None = None,
+                 model: str = MODEL) -> tuple[Path, Path, dict]:
     """Write the JSONL every run reads, tokenize it with tunesmith, and write the token ids TRL
     gets, in the order of tunesmith's step plan."""
     from tunesmith.data.prepare import prepare
     from tunesmith.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(resolve(MODEL), quiet=True)
+    tokenizer = load_tokenizer(resolve(model), quiet=True)
     empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
     empty_chat = tokenizer.apply_chat_template(empty, tokenize=False)
     overhead = len(tokenizer(empty_chat, add_special_tokens=False)["input_ids"])  # template tokens per row
-    shape = SHAPES[args.shape]
+    shape = shape or SHAPES[args.shape]
     data_path = work_dir / "train.jsonl"
     write_jsonl_atomic(data_path, make_rows(tokenizer, args.rows, args.seed, shape, shape.max_length - overhead - 8))
-    prepared = prepare(tunesmith_config(data_path, work_dir / "prepared", total_steps, None, shape), tokenizer)
+    prepared = prepare(tunesmith_config(data_path, work_dir / "prepared", total_steps, None, shape, model), tokenizer)
     split = prepared.splits["train"]
     plan = step_plan(split, total_steps, shape)
     order = [i for step in range(total_steps) for i in plan.step_indices(step)]
