@@ -1,17 +1,18 @@
-"""The output layer of generation on a CPU: MKL's multiply (the layer's own `F.linear`) against
-tunesmith's oneDNN copy of the weight (tunesmith/infer/head.py), side by side in one process.
+"""The linear layers of generation on a CPU: torch's multiply (the layer's own `F.linear`) against
+tunesmith's oneDNN copies of the weights (tunesmith/infer/laid_out.py), side by side in one process.
 
 1. The multiply alone, for the model's output weight, at the row counts a pass asks for (one per
    running row, a few more for newcomers; evaluate's scoring reads many): median of alternating
    repeats.
-2. The engine's decode step with 8 running rows (the serve_load questions' kind of prompt), the
-   copy on and off, alternating: the greedy tokens must be the same both ways.
+2. The engine's decode step with 1 and 8 running rows (the serve_load questions' kind of prompt),
+   every layer's copy on and off, alternating: the greedy tokens must be the same both ways.
+--dtype bf16 loads the model in bf16 (what precision auto serves where a bf16 matmul pays).
 
 With --strided, instead: the multiply of the last column of each of N prompts (60 columns each) as
 the view transformers' `logits_to_keep=1` slices (strided across rows) against the same rows side
 by side, as the engine now asks for them (column indices), fp32 and bf16.
 
-    .venv/bin/python bench/output_layer.py --model out/bench-export/merged [--strided]
+    .venv/bin/python bench/output_layer.py --model out/bench-export/merged [--dtype bf16] [--strided]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tunesmith.infer import head
+from tunesmith.infer import laid_out
 from tunesmith.infer.engine import Engine
 from tunesmith.infer.request import Request, Sampling
 
@@ -39,10 +40,10 @@ def timed(fn, repeats: int = 10) -> float:
 
 
 def multiply_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
-    copy = head.Copy(layer)
+    copy = laid_out.Copy(layer)
     lines = ["| rows | F.linear (MKL) ms | oneDNN copy ms | speed-up |", "|---:|---:|---:|---:|"]
     for rows in ROWS:
-        hidden = torch.randn(rows, layer.in_features)
+        hidden = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
         mkl, onednn = [], []
         for _ in range(rounds):
             mkl.append(timed(lambda x=hidden: F.linear(x, layer.weight, layer.bias)))
@@ -69,11 +70,11 @@ def strided_table(layer: torch.nn.Linear, rounds: int) -> list[str]:
     return lines
 
 
-def decode_steps(model, tokenizer, on: bool, steps: int = 25) -> tuple[float, list[list[int]]]:
+def decode_steps(model, tokenizer, on: bool, rows: int = 8, steps: int = 25) -> tuple[float, list[list[int]]]:
     engine = Engine(model, tokenizer.pad_token_id)
     if not on:
-        head.drop(model)
-    for i in range(8):
+        laid_out.drop(model)
+    for i in range(rows):
         text = tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {3 * i}? "
                                                "Explain."}], tokenize=False, add_generation_prompt=True)
         engine.admit(Request(tokenizer.encode(text, add_special_tokens=False), Sampling(max_new_tokens=steps + 20)),
@@ -95,31 +96,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model directory (e.g. a run's merged/)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--strided", action="store_true", help="the kept columns as a strided view or side by side")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").eval()
     layer = model.get_output_embeddings()
-    print(f"output weight {tuple(layer.weight.shape)} fp32, {torch.get_num_threads()} threads\n")
+    print(f"output weight {tuple(layer.weight.shape)} {args.dtype}, {torch.get_num_threads()} threads\n")
     if args.strided:
         with torch.inference_mode():
             print("\n".join(strided_table(layer, args.rounds)))
         return
     with torch.inference_mode():
         print("\n".join(multiply_table(layer, args.rounds)))
+    for rows in (1, 8):
+        print("\n".join(decode_lines(model, tokenizer, rows, args.rounds)))
+
+
+def decode_lines(model, tokenizer, rows: int, rounds: int) -> list[str]:
     times: dict[bool, list[float]] = {True: [], False: []}
     answers: dict[bool, list] = {}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for on in (True, False):
-            ms, tokens = decode_steps(model, tokenizer, on)
+            ms, tokens = decode_steps(model, tokenizer, on, rows)
             times[on].append(ms)
             answers.setdefault(on, tokens)
     same = "the same greedy tokens" if answers[True] == answers[False] else "DIFFERENT tokens"
-    print(f"\nengine decode step, 8 running rows, {args.rounds} alternating rounds of 25 steps:")
-    for on, label in ((False, "MKL"), (True, "oneDNN copy")):
-        print(f"- {label}: median {statistics.median(times[on]):.1f} ms "
-              f"({', '.join(f'{t:.0f}' for t in times[on])})")
-    print(f"- step time copy/MKL: {statistics.median(times[True]) / statistics.median(times[False]):.2f}x; {same}")
+    lines = [f"\nengine decode step, {rows} running rows, {rounds} alternating rounds of 25 steps:"]
+    for on, label in ((False, "torch's multiply"), (True, "oneDNN copies")):
+        lines.append(f"- {label}: median {statistics.median(times[on]):.1f} ms "
+                     f"({', '.join(f'{t:.0f}' for t in times[on])})")
+    ratio = statistics.median(times[True]) / statistics.median(times[False])
+    return [*lines, f"- step time copies/torch: {ratio:.2f}x; {same}"]
 
 
 if __name__ == "__main__":

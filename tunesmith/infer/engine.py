@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunesmith.infer import head
+from tunesmith.infer import laid_out
 from tunesmith.infer.attention import grouped_query_attention
 from tunesmith.infer.packed import Part, packable, packed_forward, per_token, routable, tokens_routed
 
@@ -297,7 +297,7 @@ class Engine:
         self.refused: list[Request] = []  # failed at admission, handed back by the next step
         if self.device.type == "cpu":
             memory.keep_freed_memory()  # a pass's large blocks are reused, not faulted in afresh each pass
-            head.lay_out(model)  # the output layer's few rows per pass through oneDNN (head.py)
+            laid_out.lay_out(model)  # every linear layer's few rows per pass through oneDNN (laid_out.py)
 
     @property
     def size(self) -> int:
