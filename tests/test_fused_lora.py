@@ -89,6 +89,26 @@ def test_bf16_training_under_autocast_takes_the_fused_layer_and_trains_as_peft(l
         assert (grad - reference).norm() <= 0.05 * reference.norm(), name  # bf16 rounding, not another gradient
 
 
+def test_layers_an_engine_laid_out_still_train_through_the_fused_layer(llama, monkeypatch):
+    """An engine (evaluate, chat) lays the linear layers out for oneDNN (infer/laid_out.py); the same
+    model trained afterwards takes the fused LoRA layer on every adapted linear, with the same loss."""
+    from tunesmith.infer import laid_out
+
+    model, _ = build(llama, "lora")
+    randomised_adapters(model)
+    model.train()
+    batch = fixed_batch(model.config.vocab_size)
+    before, _ = loss_and_grads(model, batch)
+    assert laid_out.lay_out(model) > 0
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert bases and all(laid_out.is_laid_out(b) for b in bases)
+    calls = []
+    real = fused_lora.LoraLinear.apply
+    monkeypatch.setattr(fused_lora.LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    after, _ = loss_and_grads(model, batch)
+    assert len(calls) == len(bases) and after == pytest.approx(before, abs=1e-6)
+
+
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_the_function_matches_the_formula_in_plain_pytorch(with_dropout):
     generator = torch.Generator().manual_seed(0)

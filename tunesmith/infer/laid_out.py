@@ -6,8 +6,8 @@ out for the kernel again on every call. oneDNN, given the weight laid out ahead 
 same products faster (bench/output_layer.py; figures in bench/RESULTS.md, "Serving"):
 - fp32, SmolLM2's 49,152 x 576 output weight: 2.0x at 8 rows, 1.4x at 33, 1.2x at 128;
 - bf16 (AMD EPYC with avx512_bf16): its 576 x 1,536 MLP weights 2.0-2.7x at 1 row, 1.4-2x at 8,
-  1.2x at 64; the output weight 2.7x at 1 row, 1.4x at 64; a decode step of 1 running row 1.37x,
-  of 8 rows 1.27x, the same greedy tokens.
+  1.2x at 64; the output weight 2.7x at 1 row, 1.4x at 64; the engine's decode step 0.71x the time
+  at 1 running row, 0.85x at 8, the same greedy tokens.
 The weights are the same every pass, so each is laid out once, into a copy: an output layer is
 often the input embedding too (tied), and training may still own the weight. The copies cost one
 more model's worth of memory, so they are made output layer first, then the other linear layers
@@ -17,8 +17,8 @@ A laid-out layer becomes a `LaidOutLinear` (an nn.Linear: same weights, state di
 copy lives outside it, so a deep copy or a pickle of the model is a plain one). The copy is used for
 up to MAX_ROWS rows in the weight's own dtype (fp32 or bf16) without autograd, while the weight is
 the very tensor it was made from, unchanged since (its version counter: an optimizer step counts);
-otherwise the layer computes as it always did. `lay_out(model)` makes the copies afresh (about
-0.2 s for SmolLM2), once per engine: an edit through `.data` (as PEFT merges) moves no version
+otherwise the layer computes as it always did. `lay_out(model)` makes the copies afresh (under a
+second for SmolLM2), once per engine: an edit through `.data` (as PEFT merges) moves no version
 counter. PEFT's LoRA layers call their base layer and adapters as modules, so those are laid out
 too.
 """
@@ -59,6 +59,8 @@ COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class LaidOutLinear(torch.nn.Linear):
     """nn.Linear whose forward multiplies by its copy in COPIES where the copy applies. `lay_out`
     gives a layer this class in place; its weights, state dict and saving are unchanged."""
+
+    multiplies_as_linear = True  # under autograd exactly F.linear: a fused LoRA layer may use its weight directly
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         copy = COPIES.get(self)

@@ -86,7 +86,8 @@ def _covered(layer, x: torch.Tensor, args, kwargs) -> tuple[str, torch.dtype] | 
         return None
     name = layer.active_adapters[0]
     base = layer.base_layer
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or type(base) is not torch.nn.Linear:
+    plain = type(base) is torch.nn.Linear or getattr(type(base), "multiplies_as_linear", False)  # not bnb's 4-bit
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or not plain:
         return None
     weight, lora_a, lora_b = base.weight, layer.lora_A[name].weight, layer.lora_B[name].weight
     if weight.requires_grad or layer.lora_B[name].bias is not None or getattr(layer, "fan_in_fan_out", False):
