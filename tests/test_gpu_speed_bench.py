@@ -20,12 +20,13 @@ def test_gpu_speed_runs_end_to_end_on_a_cpu_with_tiny_shapes(tmp_path):
     results.write_text("# Benchmark results\n\nkept\n")
     done = subprocess.run([sys.executable, "gpu_speed.py", "--tiny", "--lengths", "512", "--steps", "2",
                            "--runs", "tunesmith,tunesmith-liger,unsloth", "--work-dir", str(tmp_path / "work"),
-                           "--results", str(results)], cwd=BENCH, capture_output=True, text=True, timeout=600)
+                           "--results", str(results)], cwd=BENCH, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nkept\n") and "<!-- gpu_speed:begin -->" in text
     assert "### Sequence length 128: 4 rows per step" in text
-    row = re.search(r"^\| tunesmith \| defaults: [^|]*\| ([\d,]+) \| ([\d,]+) \| n/a \| ([\d.]+) \|", text, re.M)
+    row = re.search(r"^\| tunesmith \| defaults: [^|]*\| ([\d,]+) \| ([\d,]+) \| n/a \| ([\d.]+) \|", text, re.MULTILINE)
     assert row and int(row[1].replace(",", "")) > 0 and int(row[2].replace(",", "")) > 0, text
     assert "| tunesmith-liger |" in text and "train.loss_kernel=liger runs on CUDA only" in text
     assert "| unsloth |" in text and "not run: Unsloth is not installed here" in text
