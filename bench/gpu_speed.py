@@ -261,8 +261,8 @@ def run_length(args, length: int, model_dir: Path, peaks: dict, device: torch.de
         print(f"[{shape.name}] {variant.name} ...", file=sys.stderr, flush=True)
         row, smi = run_one(variant, spec, work_dir)
         print(f"  {'ok' if row.ok else row.error}  ({row.wall_seconds:.0f} s)", file=sys.stderr, flush=True)
-        rows.append((row, smi))
-        ts.raise_peaks(peaks, device)
+        print(f"[{shape.name}] {table([(row, smi)], flops, peaks)[-1]}", flush=True)  # kept if the run is cut short
+        rows.append((row, smi))  # the peaks are measured once (10 s a time: the GPU's clocks hold steady)
     return [(f"### Sequence length {length}: {shape.batch} rows per step, {facts['used_tokens']:,} tokens in "
             f"{total_steps} steps (step 1 a warm-up), TRL attention {spec['trl_attention']}"), "",
             *table(rows, flops, peaks), "", *verdict(rows), ""]
