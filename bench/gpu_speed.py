@@ -300,19 +300,20 @@ def main(argv: list[str]) -> int:
         return child_main(args.child)
     device = pick_device("auto")
     model_dir = build_model(args.work_dir / ("model-tiny" if args.tiny else "model"), args.tiny, args.base)
-    peaks = ts.measure_peaks(device)
+    peaks = {} if args.tiny else ts.measure_peaks(device)  # --tiny's figures mean nothing: no 10 s of matmuls
     sections = []
     for length in args.lengths:  # each length's table printed as soon as it is done (a run may be cut short)
         sections.append(run_length(args, length, model_dir, peaks, device))
         print("\n".join(sections[-1]), flush=True)
-    peak = peaks.get("bfloat16", peaks["float32"])
+    peak = peaks.get("bfloat16", peaks.get("float32", float("nan")))
     header = ["## Training on one GPU: tunesmith vs TRL and Unsloth (bench/gpu_speed.py)", "",
              f"- Machine: {machine(device)}", f"- Software: {versions()}",
              f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
              f"- Command: `python {' '.join(['bench/gpu_speed.py', *argv])}`",
              (f"- Model: {'tiny 2-layer' if args.tiny else 'SmolLM2-1.7B layer shape, 16 layers (about 1.1B)'}, "
              "random weights, bf16; LoRA r=16 alpha 32 on every linear layer; AdamW 2e-4 constant"),
-             f"- bf16 matmul peak measured here: {peak / 1e12:,.1f} TFLOP/s (MFU is against it)",
+             (f"- bf16 matmul peak measured here: {peak / 1e12:,.1f} TFLOP/s (MFU is against it)" if peaks
+              else "- No matmul peak measured (--tiny), so no MFU"),
              ("- Peak memory: torch.cuda.max_memory_allocated in the run's process (peak RSS on a CPU); "
              "nvidia-smi: the most in use on the GPU during the run above the idle reading"), "",
     ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -55,10 +56,12 @@ def installed(module: str) -> bool:
         return False
 
 
+@cache  # what is installed does not change while a run goes; chosen() asks once per micro batch
 def have_flash() -> bool:
     return installed("flash_attn_interface") or installed("flash_attn")
 
 
+@cache
 def have_flex() -> bool:
     return installed("torch.nn.attention.flex_attention")
 
