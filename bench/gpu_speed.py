@@ -177,8 +177,9 @@ def unsloth_missing() -> str | None:
 
 
 def run_one(variant: ts.Variant, spec: dict, work_dir: Path) -> tuple[ts.Row, float | None]:
-    if variant.tool == "unsloth" and unsloth_missing():
-        return ts.Row(variant, ok=False, error=unsloth_missing()), None
+    missing = unsloth_missing() if variant.tool == "unsloth" else None
+    if missing:
+        return ts.Row(variant, ok=False, error=missing), None
     with GpuMemory() as memory:
         row = ts.run_child(variant, spec, work_dir, script=Path(__file__).resolve())
     return row, memory.used_mib

@@ -228,3 +228,18 @@ def test_dora_is_refused_as_a_lora_file(tiny_models, tmp_path, cli):
     result = cli("export", run, "--format", "gguf-lora", "--type", "f16")
     assert result.code == 2 and "dora adapter cannot be written" in result.err
     assert not (run / "export-lora-f16").exists()
+
+
+def test_only_the_converters_unknown_pre_tokenizer_error_falls_back():
+    """llama_cpp_entry.py gives a tokenizer the converter does not know by its hash the pre-tokenizer
+    tunesmith determined; every other error of the converter still stops the export."""
+    import importlib.util
+
+    from tunesmith.model.llama_cpp import ENTRY
+
+    spec = importlib.util.spec_from_file_location("llama_cpp_entry", ENTRY)
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.unknown_split(NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"))
+    assert not entry.unknown_split(NotImplementedError("Architecture 'Foo' not supported!"))
+    assert not entry.unknown_split(ValueError("BPE pre-tokenizer was not recognized"))

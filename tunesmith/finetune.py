@@ -42,8 +42,7 @@ def set_up(config: RunConfig) -> Setup:
     run_dir = config.run_dir
     if not distributed.under_torchrun():  # a device or kernel this machine lacks: refused before anything is written
         device = pick_device(config.train.device)
-        kernels.check_requested(config.train.attention, config.train.loss_kernel, device,
-                                pick_dtype(config.train.precision, device))
+        kernels.check_requested(config.train.attention, config.train.loss_kernel, device)
     if config.init_from:  # the starting point becomes this run's model: chat, merge and export use it
         config = config.model_copy(update={"model": str(starting_model(config))})
     location = resolve(config.model)

@@ -25,6 +25,12 @@ def with_legacy_names(config: dict) -> dict:
     return {**{k: v for k, v in legacy.items() if v is not None}, **config}
 
 
+def unknown_split(err: Exception) -> bool:
+    """The converter's way of saying it does not know a tokenizer's pre-tokenizer by its hash: a
+    NotImplementedError with this message. Anything else it raises stops the export."""
+    return isinstance(err, NotImplementedError) and "pre-tokenizer was not recognized" in str(err)
+
+
 def main() -> None:
     root, script, *args = sys.argv[1:]
     sys.path[0] = root  # replaces this file's folder: only the converter's modules resolve from here
@@ -40,8 +46,8 @@ def main() -> None:
     def pre_tokenizer(self, tokenizer) -> str:
         try:
             return recognised(self, tokenizer)
-        except NotImplementedError as err:  # raised for a split it does not know by its hash
-            if "pre-tokenizer was not recognized" not in str(err):
+        except Exception as err:
+            if not unknown_split(err):
                 raise
             return os.environ.get("TUNESMITH_GGUF_PRE") or "gpt-2"
 

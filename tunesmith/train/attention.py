@@ -34,7 +34,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     prefix = kwargs.get("tunesmith_prefix") or 0  # segments[0] is a beginning every segment shares
     if prefix and sliding_window:
         raise ValueError("a shared prefix cannot be combined with a sliding window")  # pack() never does
-    lengths = [end - start for start, end in segments] if segments else [query.shape[2]]
+    lengths = segment_lengths(segments, query.shape[2])
     groups = query.shape[1] // key.shape[1]
     pieces = list(zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)))
     dropout_p = dropout if module.training else 0.0
@@ -72,7 +72,12 @@ def _causal(length: int, sliding_window: int | None, device) -> dict:
     return {"attn_mask": (distance >= 0) & (distance < sliding_window)}
 
 
-def _no_mask(*args, **kwargs):
+def segment_lengths(segments, total: int) -> list[int]:
+    """Each example's length in a packed row of `total` tokens (one example where no segments are given)."""
+    return [end - start for start, end in segments] if segments else [total]
+
+
+def no_mask(*args, **kwargs):
     return None  # segments carry the structure; a (T, T) mask is never built
 
 
@@ -82,4 +87,4 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, _no_mask)
+    AttentionMaskInterface.register(VARLEN, no_mask)

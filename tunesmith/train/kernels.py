@@ -70,7 +70,7 @@ def softcaps_attention(model_config) -> bool:
     return getattr(model_config, "attn_logit_softcapping", None) is not None
 
 
-def pick_attention(requested: str, device_type: str, dtype: torch.dtype, softcap: bool,
+def pick_attention(requested: str, device_type: str, dtype: torch.dtype | None, softcap: bool,
                    flash: bool, flex: bool) -> tuple[str, str]:
     """(backend, reason) for this run; ConfigError for a backend that cannot serve it."""
     if softcap:
@@ -92,11 +92,12 @@ def pick_attention(requested: str, device_type: str, dtype: torch.dtype, softcap
     return requested, "asked for in train.attention"
 
 
-def _unavailable(backend: str, device_type: str, dtype: torch.dtype, flash: bool, flex: bool) -> str | None:
+def _unavailable(backend: str, device_type: str, dtype: torch.dtype | None, flash: bool, flex: bool) -> str | None:
+    """Why `backend` cannot run here, or None; dtype None: not known yet (not held against it)."""
     if backend == "flash_varlen":
         if not flash:
             return "FlashAttention is not installed (pip install flash-attn)"
-        if device_type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        if device_type != "cuda" or dtype not in (None, torch.bfloat16, torch.float16):
             return "FlashAttention runs on CUDA in bf16 or fp16 only"
     if backend == "flex":
         if not flex:
@@ -121,10 +122,8 @@ def check_loss_kernel(kernel: str, device_type: str, model_config) -> None:
 
 def choose(hf_model, attention: str = "auto", loss: str = "chunked") -> Kernels:
     """Decide for this model (on its device, in its dtype) and remember the decision on it."""
-    weight = next(hf_model.parameters())
-    backend, reason = pick_attention(attention, weight.device.type, _compute_dtype(hf_model),
-                                     softcaps_attention(hf_model.config), have_flash(), have_flex())
-    check_loss_kernel(loss, weight.device.type, hf_model.config)
+    backend, reason = _pick_for(hf_model, attention)
+    check_loss_kernel(loss, next(hf_model.parameters()).device.type, hf_model.config)
     output = hf_model.get_output_embeddings()
     if loss == "cce" and getattr(output, "bias", None) is not None:
         raise ConfigError("train.loss_kernel=cce: this model's output layer has a bias, which cut cross-entropy "
@@ -137,12 +136,13 @@ def choose(hf_model, attention: str = "auto", loss: str = "chunked") -> Kernels:
 def chosen(hf_model) -> Kernels:
     """The run's decision; a model no run decided for (evaluate, a test) gets auto's."""
     kernels = getattr(hf_model, CHOICE_ATTRIBUTE, None)
-    if kernels is None:
-        weight = next(hf_model.parameters())
-        backend, reason = pick_attention("auto", weight.device.type, _compute_dtype(hf_model),
-                                         softcaps_attention(hf_model.config), have_flash(), have_flex())
-        kernels = Kernels(backend, reason)
-    return kernels
+    return Kernels(*_pick_for(hf_model, "auto")) if kernels is None else kernels
+
+
+def _pick_for(hf_model, requested: str) -> tuple[str, str]:
+    device_type = next(hf_model.parameters()).device.type
+    return pick_attention(requested, device_type, _compute_dtype(hf_model), softcaps_attention(hf_model.config),
+                          have_flash(), have_flex())
 
 
 def loss_kernel(hf_model) -> str:
@@ -150,9 +150,10 @@ def loss_kernel(hf_model) -> str:
     return "chunked" if kernels is None else kernels.loss
 
 
-def check_requested(attention_backend: str, loss: str, device: torch.device, dtype: torch.dtype) -> None:
-    """What can be refused before anything is written: a backend or kernel this machine cannot run."""
-    pick_attention(attention_backend, device.type, dtype, False, have_flash(), have_flex())
+def check_requested(attention_backend: str, loss: str, device: torch.device) -> None:
+    """What can be refused before anything is written: a backend or kernel this machine cannot run
+    (the run's dtype and the model's own settings are checked by choose(), once the model is loaded)."""
+    pick_attention(attention_backend, device.type, None, False, have_flash(), have_flex())
     check_loss_kernel(loss, device.type, None)
 
 

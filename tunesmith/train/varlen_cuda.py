@@ -17,14 +17,10 @@ from functools import cache, lru_cache
 
 import torch
 
-from tunesmith.train.attention import varlen_attention
+from tunesmith.train.attention import no_mask, segment_lengths, varlen_attention
 
 FLASH = "tunesmith_flash_varlen"
 FLEX = "tunesmith_flex"
-
-
-def _lengths(segments, total: int) -> list[int]:
-    return [end - start for start, end in segments] if segments else [total]
 
 
 @cache
@@ -42,8 +38,8 @@ def flash_varlen_attention(module, query, key, value, attention_mask, dropout=0.
     # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim); FlashAttention wants (T, heads, d)
     if dropout and module.training:
         return varlen_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, **kwargs)
-    lengths = _lengths(kwargs.get("tunesmith_segments"), query.shape[2])
-    starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+    lengths = tuple(segment_lengths(kwargs.get("tunesmith_segments"), query.shape[2]))
+    starts = _cumulative_lengths(lengths, str(query.device))
     window = (sliding_window - 1, 0) if sliding_window else (-1, -1)  # (left, right) tokens seen
     output = _flash_function()(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
@@ -51,6 +47,11 @@ def flash_varlen_attention(module, query, key, value, attention_mask, dropout=0.
         softmax_scale=scaling, causal=True, window_size=window)
     output = output[0] if isinstance(output, tuple) else output  # FlashAttention 3 may return (out, lse)
     return output.unsqueeze(0), None  # (1, T, heads, head_dim)
+
+
+@lru_cache(maxsize=16)  # one copy to the GPU per packed row, not one per layer and pass
+def _cumulative_lengths(lengths: tuple[int, ...], device: str) -> torch.Tensor:
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)  # (n + 1,)
 
 
 @lru_cache(maxsize=16)  # one mask per packed row and window, reused by every layer of a forward and backward
@@ -81,7 +82,7 @@ def flex_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
                           sliding_window=None, **kwargs):
     if dropout and module.training:
         return varlen_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, **kwargs)
-    lengths = tuple(_lengths(kwargs.get("tunesmith_segments"), query.shape[2]))
+    lengths = tuple(segment_lengths(kwargs.get("tunesmith_segments"), query.shape[2]))
     block_mask = _block_mask(lengths, sliding_window, str(query.device))
     groups = query.shape[1] // key.shape[1]
     output = _flex_function(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling,
@@ -94,8 +95,6 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from tunesmith.train.attention import _no_mask
-
     for name, function in ((FLASH, flash_varlen_attention), (FLEX, flex_varlen_attention)):
         AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, _no_mask)
+        AttentionMaskInterface.register(name, no_mask)
