@@ -2,7 +2,7 @@
 other, through bench/serve_load.py at several client counts.
 
     .venv/bin/python bench/serve_compare.py --merged RUN/merged --gguf RUN/export-f16/RUN.f16.gguf \
-        [--clients 1 8 64] [--seconds 30] [--batch 32] [--write]
+        [--clients 1 8 64] [--seconds 30] [--batch 32] [--unique]
 
 --merged is `tunesmith merge RUN` (served by tunesmith in the precision auto picks), --gguf the same run exported by
 `tunesmith export RUN --type f16` (served by llama-server, built once by bench/llama_server.py).
@@ -60,9 +60,10 @@ def start(kind: str, args) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def load(url: str, clients: int, seconds: float) -> dict:
+def load(url: str, clients: int, seconds: float, unique: bool) -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", url, "--clients",
-                           str(clients), "--seconds", str(seconds)], capture_output=True, text=True, check=False)
+                           str(clients), "--seconds", str(seconds), *(["--unique"] if unique else [])],
+                          capture_output=True, text=True, check=False)
     text = done.stdout
     return json.loads(text[: text.index("\n}") + 2])
 
@@ -79,14 +80,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--unique", action="store_true", help="no prompt sent twice (serve_load.py --unique)")
     args = parser.parse_args()
-    lines = ["| server | clients | requests | errors | requests/s | completion tokens/s | latency p50 s | "
-             "first token p50 s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| server | clients | requests | errors | requests/s | completion tokens/s | latency p50 s | "
+              "first token p50 s |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind in ("tunesmith", "llama.cpp"):
         process, url = start(kind, args)
         try:
             for clients in args.clients:
-                lines.append(row(kind, clients, load(url, clients, args.seconds)))
+                lines.append(row(kind, clients, load(url, clients, args.seconds, args.unique)))
                 print(lines[-1], flush=True)
         finally:
             process.terminate()

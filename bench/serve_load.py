@@ -7,7 +7,10 @@ completions back to back, round-robin over the served models (base and adapters)
 With --model the script starts the server itself on a free loopback port and stops it at the end;
 with --url it uses one already running. Only loopback addresses are accepted, and the load is
 bounded (clients, seconds and max_tokens are capped): this measures a server, it does not flood
-one. Clients start no new request after T seconds; requests already running finish.
+one. Clients start no new request after T seconds; requests already running finish. The 8 questions
+repeat, so a server that keeps what it read (a prompt cache: llama.cpp's, tunesmith's) reads a
+repeated one only at its end; --unique tags every question with its client and turn, so that only
+the system text before the tag can be reused.
 
 Reports completed requests per second, completion tokens per second (the server's usage counts),
 latency p50/p99 (request sent to [DONE]), time to first token p50/p99, and errors: any non-200
@@ -122,10 +125,12 @@ def read_stream(response, model: str, started: float) -> Sample:
 
 
 def client_loop(index: int, deadline: float, target: tuple, headers: dict, models: list[str], max_tokens: int,
-                load: Load) -> None:
+                load: Load, unique: bool = False) -> None:
     turn = index
     while time.perf_counter() < deadline:
         model, question = models[turn % len(models)], QUESTIONS[turn % len(QUESTIONS)]
+        if unique:  # no prompt repeats: a server's prompt cache can reuse only the system text before this tag
+            question = f"[{index}.{turn}] {question}"
         load.add(one_request(*target, headers, model, question, max_tokens))
         turn += 1
 
@@ -179,7 +184,8 @@ def served_models(target: tuple, headers: dict) -> list[str]:
 
 def markdown(summary: dict, args, models: list[str]) -> str:
     threads = f", server threads {args.threads}" if args.threads else ""
-    setting = (f"{args.clients} clients x {args.seconds:.0f} s, max_tokens {args.max_tokens}, server batch "
+    setting = (f"{args.clients} clients x {args.seconds:.0f} s{', unique prompts' if args.unique else ''}, "
+               f"max_tokens {args.max_tokens}, server batch "
                f"{args.max_batch_size}{threads}, models round-robin: {', '.join(models)}")
     row = (f"| {summary['requests']} | {summary['errors']} | {summary['requests_per_s']:.2f} | "
            f"{summary['completion_tokens_per_s']:.1f} | {summary['latency_p50_s']:.2f} | {summary['latency_p99_s']:.2f} | "
@@ -219,6 +225,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help=f"per answer (at most {MAX_TOKENS})")
     parser.add_argument("--max-batch-size", type=int, default=8, help="server batch, for a started server")
     parser.add_argument("--threads", type=int, help="the started server's CPU threads (default: torch's choice)")
+    parser.add_argument("--unique", action="store_true",
+                        help="every question tagged with its client and turn, so that no prompt is sent twice")
     parser.add_argument("--results", type=Path, help="write the table into this file's '## Serving' section")
     args = parser.parse_args()
     if bool(args.url) == bool(args.model):
@@ -232,7 +240,8 @@ def main() -> int:
         models = served_models(target, headers)
         load, started = Load(), time.perf_counter()
         deadline = started + args.seconds
-        clients = [threading.Thread(target=client_loop, args=(i, deadline, target, headers, models, args.max_tokens, load))
+        clients = [threading.Thread(target=client_loop,
+                                    args=(i, deadline, target, headers, models, args.max_tokens, load, args.unique))
                    for i in range(args.clients)]
         for client in clients:
             client.start()

@@ -104,3 +104,30 @@ def test_long_conversations_drop_the_oldest_turns(tiny_models):
     assert conversation.messages[-1]["content"] == "answer 5"
     conversation.reset()
     assert conversation.messages == [{"role": "system", "content": "be brief"}]
+
+
+def test_each_turn_reads_only_the_new_message(tiny_models, monkeypatch):
+    """The conversation keeps one engine: the second turn's prompt begins with the first turn's
+    prompt and answer, found in the engine's prompt cache, so only the new message is read."""
+    import io
+
+    from tunesmith.infer import chat
+    from tunesmith.infer.engine import Engine, Sampling
+
+    engines: list[Engine] = []
+
+    class Recorded(Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    model_dir = tiny_models("qwen2")
+    loaded = load_base(str(model_dir), device="cpu", precision="fp32")
+    lines = iter(["What is the capital of France?", "hello world", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    monkeypatch.setattr(chat, "Engine", Recorded)
+    out = io.StringIO()
+    assert chat.repl(loaded, Sampling(max_new_tokens=8), None, out) == 0
+    assert len(engines) == 1
+    first_turn = loaded.tokenizer(chatml([{"role": "user", "content": "What is the capital of France?"}]))["input_ids"]
+    assert engines[0].prompts.hits == 1 and engines[0].prompts.tokens_reused >= len(first_turn)

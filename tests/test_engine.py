@@ -231,21 +231,13 @@ def test_nucleus_keeps_what_transformers_top_k_and_top_p_keep():
     assert _nucleus(torch.zeros(2, 4000), 0, 0.9) is None  # a flat distribution: 3600 tokens in the nucleus
 
 
-def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_models, monkeypatch):
-    """A chat template's system block is read once: prompts starting with it are prefilled from
-    where they differ, and still get generate's greedy answers."""
+def _count_prefill_columns(monkeypatch, model) -> list[int]:
+    """A list that gets the columns of every prompt chunk the model reads from now on (one entry a
+    forward pass of more than one column; in a packed pass, the prefill's part)."""
     import functools
 
-    from tunesmith.infer.engine import MIN_SHARED_PREFIX, Engine, _common_prefix
-
-    loaded = _loaded(tiny_models, "qwen2")
-    system = "Below is an instruction that describes a task. Write a response. "
-    prompts = [system + question for question in ("hello world", "the quick brown fox", "red green blue")]
-    requests = [Request(_ids(loaded, p), Sampling(max_new_tokens=6)) for p in prompts]
-    shared = len(_common_prefix([r.prompt_ids for r in requests]))  # the system text, but its last space
-    assert shared >= MIN_SHARED_PREFIX
-    read: list[int] = []  # prompt columns each prefill forward pass reads
-    forward = loaded.model.forward
+    read: list[int] = []
+    forward = model.forward
 
     @functools.wraps(forward)
     def counting(*args, **kwargs):
@@ -254,16 +246,105 @@ def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_model
             read.append(kwargs["input_ids"].shape[1] if packed is None else packed.parts[-1].ids.shape[1])
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(loaded.model, "forward", counting)
+    monkeypatch.setattr(model, "forward", counting)
+    return read
+
+
+def test_prompts_that_begin_alike_share_the_prefill_of_that_beginning(tiny_models, monkeypatch):
+    """A chat template's system block is read once: prompts starting with it are prefilled from
+    where they differ, and still get generate's greedy answers."""
+    from tunesmith.infer.engine import Engine, _common_prefix
+    from tunesmith.infer.prompt_cache import MIN_MATCH
+
+    loaded = _loaded(tiny_models, "qwen2")
+    system = "Below is an instruction that describes a task. Write a response. "
+    prompts = [system + question for question in ("hello world", "the quick brown fox", "red green blue")]
+    requests = [Request(_ids(loaded, p), Sampling(max_new_tokens=6)) for p in prompts]
+    shared = len(_common_prefix([r.prompt_ids for r in requests]))  # the system text, but its last space
+    assert shared >= MIN_MATCH
+    read = _count_prefill_columns(monkeypatch, loaded.model)
     engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
     _engine_run(engine, loaded, {0: requests[:2], 4: requests[2:]})
-    monkeypatch.setattr(loaded.model, "forward", forward)
     # the first two arrive together: their common beginning is read once, then each one's rest;
     # the third, later, is read from where it differs
     assert read == [shared, max(len(r.prompt_ids) for r in requests[:2]) - shared,
                     len(requests[2].prompt_ids) - shared]
     for request in requests:
         assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+
+
+def _prefill_chunks(monkeypatch) -> list[tuple[int, int]]:
+    """A list that gets (rows, columns) of every prefill chunk the engine reads from now on."""
+    from tunesmith.infer.engine import Engine
+
+    chunks: list[tuple[int, int]] = []
+    part_of = Engine._prefill_part
+
+    def recording(self, prefill):
+        part, end, read_from = part_of(self, prefill)
+        chunks.append(tuple(part.ids.shape))
+        return part, end, read_from
+
+    monkeypatch.setattr(Engine, "_prefill_part", recording)
+    return chunks
+
+
+def _cached_length(request: Request) -> int:
+    """Tokens a finished request held in the cache: its prompt and the answer tokens fed back (a last
+    token taken for max_new_tokens was never fed; an end-of-turn token is not in the answer)."""
+    return len(request.prompt_ids) + len(request.completion_ids) - (request.finish_reason == "length")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_prompt_read_before_is_not_read_again(tiny_models, monkeypatch, family):
+    """The same prompt again reads only its last token; a chat's next turn (the previous prompt, its
+    answer, a new message) reads only what is new. The answers are still generate's."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, family)
+    prompt = _ids(loaded, "Below is an instruction that describes a task. Write a response. hello world")
+    first = Request(prompt, Sampling(max_new_tokens=6))
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    chunks = _prefill_chunks(monkeypatch)
+    _engine_run(engine, loaded, {0: [first]})
+    again = Request(list(prompt), Sampling(max_new_tokens=6))
+    _engine_run(engine, loaded, {0: [again]})
+    score = _ids(loaded, " the capital of France")  # read with the prompt: its log-likelihood checks every logit
+    follow_up = Request(prompt + first.completion_ids + _ids(loaded, " and the quick brown fox"),
+                        Sampling(max_new_tokens=6), score_ids=score)
+    _engine_run(engine, loaded, {0: [follow_up]})
+    assert chunks == [(1, len(prompt)), (1, 1), (1, len(follow_up.prompt_ids) - _cached_length(first) + len(score))]
+    assert engine.prompts.hits == 2
+    for request in (first, again, follow_up):
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+    logprob, _ = _log_likelihood(loaded, follow_up.prompt_ids, score, [True] * len(score))
+    assert follow_up.score_logprob == pytest.approx(logprob, rel=1e-5, abs=1e-4)
+
+
+def test_newcomers_with_beginnings_of_different_lengths_are_prefilled_together(tiny_models, monkeypatch):
+    """Two prompts arriving together, each continuing a different earlier conversation (cached to
+    different lengths), are read in one prefill: each row's cached columns end where its rest begins."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, "qwen2")
+    system = "Below is an instruction that describes a task. Write a response. "
+    earlier = [Request(_ids(loaded, system + q), Sampling(max_new_tokens=4)) for q in ("hello world", PROMPTS[1])]
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    _engine_run(engine, loaded, {0: earlier[:1], 6: earlier[1:]})
+    tails = [_ids(loaded, " then the quick brown fox jumps over the lazy dog twice"),
+             _ids(loaded, " red green blue and yellow are colours of a rainbow")]
+    score = _ids(loaded, " the capital of France")  # read with the prompt: its log-likelihood checks every logit
+    later = [Request(r.prompt_ids + r.completion_ids + tail, Sampling(max_new_tokens=6), score_ids=score)
+             for r, tail in zip(earlier, tails)]
+    cached = [_cached_length(r) for r in earlier]
+    assert cached[0] != cached[1] and min(len(t) for t in tails) > 8  # neither is a short rest
+    chunks = _prefill_chunks(monkeypatch)
+    _engine_run(engine, loaded, {0: later})
+    assert chunks == [(2, max(len(r.prompt_ids) - c for r, c in zip(later, cached)) + len(score))]
+    for request in later:
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
+        logprob, _ = _log_likelihood(loaded, request.prompt_ids, score, [True] * len(score))
+        assert request.score_logprob == pytest.approx(logprob, rel=1e-5, abs=1e-4)
 
 
 def _log_likelihood(loaded, prompt_ids, score_ids, counted):

@@ -295,6 +295,37 @@ def test_base_and_lora_adapters_share_one_batch(runs, reference):
         assert job.request.text == reference.complete(prompt, 6, adapters[job.served.name])[0]
 
 
+def test_a_repeated_prompt_reuses_what_its_own_adapter_read_only(runs, reference):
+    """The same prompt on the same adapter again is read from the prompt cache; on another adapter
+    (other keys and values) it is read afresh. Every answer is the one PEFT gives it alone."""
+    from tunesmith.infer.engine import Request, Sampling
+    from tunesmith.infer.registry import load_models
+    from tunesmith.infer.scheduler import Job, Scheduler
+
+    model_dir, sums, colors = runs
+    models = load_models(str(model_dir), [("sums", sums), ("colors", colors)], device="cpu", precision="fp32")
+    prompt = "the quick brown fox jumps over the lazy dog " * 3
+    ids = reference.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    scheduler = Scheduler(max_batch_size=8, max_queue=8).start()
+    jobs = []
+    try:
+        for name in ("sums", "colors", "sums"):  # one after the other
+            done = threading.Event()
+            jobs.append(Job(models[name], Request(list(ids), Sampling(max_new_tokens=6)), lambda error, d=done: d.set()))
+            scheduler.submit(jobs[-1:])
+            assert done.wait(timeout=60)
+    finally:
+        scheduler.stop()
+    assert scheduler.prompt_cache_use == (1, len(ids) - 1)
+    for job, adapter in zip(jobs, (sums, colors, sums)):
+        assert job.request.text == reference.complete(prompt, 6, adapter)[0]
+
+
+def test_a_negative_prompt_cache_is_a_one_line_error(runs, cli):
+    result = cli("serve", "--model", runs[0], "--prompt-cache-mb", "-1")
+    assert result.code == 2 and result.err.strip().count("\n") == 0 and "--prompt-cache-mb -1" in result.err
+
+
 def test_newcomers_on_other_adapters_ride_in_the_running_rows_pass(runs, reference):
     """Requests on the base and on two LoRA adapters arriving while others decode: once a row runs,
     one forward pass a step, each token through its own row's adapter (the newcomers' prompts read in

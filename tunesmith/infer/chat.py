@@ -1,7 +1,8 @@
 """`tunesmith chat`: talk to a base model, a fine-tuned run or a merged model in the terminal.
 
 Every turn goes through the template the run was trained with; with a chat template the model
-sees the whole conversation so far. Answers appear token by token.
+sees the whole conversation so far, and reads only what is new each turn (the turns before are
+kept in its prompt cache). Answers appear token by token.
 
     /reset   forget the conversation (the system message stays)
     /exit    quit (so does Ctrl-D)
@@ -15,7 +16,7 @@ import signal
 import sys
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.engine import Request, Sampling, context_length, decode
+from tunesmith.infer.engine import Engine, Request, Sampling, context_length, decode
 from tunesmith.infer.generate import Loaded, conversation_prompt, load_base, load_run, stop_token_ids
 from tunesmith.log import say
 
@@ -84,20 +85,26 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": text})
 
 
-def reply(loaded: Loaded, prompt_ids: list[int], sampling: Sampling, out) -> str:
-    """Stream one answer to `out`; Ctrl-C ends it early. Returns the text written."""
+def reply(loaded: Loaded, prompt_ids: list[int], sampling: Sampling, out, engine: Engine) -> tuple[str, bool]:
+    """Stream one answer to `out`; Ctrl-C ends it early. Returns the text written, and whether the
+    engine is still fit for the next turn (not when Ctrl-C stopped it half-way through a step).
+    The engine is the conversation's own: its prompt cache holds the turns so far, so each turn
+    reads only the new message (prompt_cache.py)."""
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
 
     request = Request(prompt_ids, sampling, on_text=write)
+    intact = True
     try:
-        decode(loaded.model, loaded.tokenizer, [request], stop_token_ids(loaded), loaded.tokenizer.pad_token_id)
+        decode(loaded.model, loaded.tokenizer, [request], stop_token_ids(loaded), loaded.tokenizer.pad_token_id,
+               engine=engine)
     except KeyboardInterrupt:
         out.write(" [stopped]")
+        intact = False
     out.write("\n")
     out.flush()
-    return request.text
+    return request.text, intact
 
 
 def repl(loaded: Loaded, sampling: Sampling, system_prompt: str | None, out=sys.stdout) -> int:
@@ -105,6 +112,7 @@ def repl(loaded: Loaded, sampling: Sampling, system_prompt: str | None, out=sys.
     # starts `cmd &` without job control, and its children inherit): then Python installs no handler
     signal.signal(signal.SIGINT, signal.default_int_handler)
     conversation = Conversation(loaded, system_prompt, sampling.max_new_tokens)
+    engine = None
     while True:
         try:
             line = input(PROMPT)
@@ -132,7 +140,10 @@ def repl(loaded: Loaded, sampling: Sampling, system_prompt: str | None, out=sys.
             say(f"(that message is too long for the model's context of {context_length(loaded.model)} tokens "
                 f"with --max-new-tokens {sampling.max_new_tokens})")
             continue
-        conversation.answered(reply(loaded, prompt_ids, sampling, out))
+        engine = engine or Engine(loaded.model, loaded.tokenizer.pad_token_id)
+        text, intact = reply(loaded, prompt_ids, sampling, out, engine)
+        conversation.answered(text)
+        engine = engine if intact else None
 
 
 def main(argv: list[str]) -> int:

@@ -6,6 +6,9 @@ between two decode steps, and leaves it the moment it is finished:
 
     admit     a request waits with its sampler (transformers' logits processors, its own seeded
               generator), its stop tokens, its adapter
+    reuse     the longest beginning of its prompt that a finished row held (a chat's previous turn,
+              the same system block or question again; prompt_cache.py) is copied into its cache
+              and not read again; newcomers that arrive together read their common beginning once
     prefill   the newcomers' prompts, left-padded together, go through the model at most
               `prefill_tokens` tokens per step, so a long prompt never stalls the running rows;
               a request's score ids (evaluate's reference answer) ride along after its prompt:
@@ -18,7 +21,8 @@ between two decode steps, and leaves it the moment it is finished:
               allows (packed.py), the oldest prefill's next chunk rides in that same pass, so a step
               reads the weights once however many newcomers arrive
     leave     a finished row (end of turn, stop string, max_new_tokens, context full, cancelled, or
-              an error of its own) is handed back at once; its keys and values are dropped, with the
+              an error of its own) is handed back at once; what it held goes to the prompt cache;
+              its keys and values are dropped from the batch, with the
               left columns no remaining row uses, when newcomers join or a quarter of the rows have
               finished (until then it is fed padding and its output ignored: dropping copies the cache)
 
@@ -52,14 +56,19 @@ import torch.nn.functional as F
 from tunesmith.infer import laid_out
 from tunesmith.infer.attention import grouped_query_attention
 from tunesmith.infer.packed import Part, packable, packed_forward, per_token, routable, tokens_routed
+from tunesmith.infer.prompt_cache import MIN_MATCH, Entry, PromptCache
 
 # Request and Sampling are imported from here by the callers: the engine's public names
 from tunesmith.infer.request import Request, Row, Sampling, choose_tokens  # noqa: F401
 from tunesmith.train import memory
 
-# Prompts that begin alike (a chat template's system block) share the keys and values of that
-# beginning once it is at least this many tokens: a newcomer's prefill starts after it
-MIN_SHARED_PREFIX = 16
+# Keys and values kept of what rows held when they finished (prompt_cache.py), all adapters together:
+# about 11,000 tokens of SmolLM2-135M in bf16, 2,000 of a 7B model with 8 key/value heads
+PROMPT_CACHE_BYTES = 256 << 20
+# A newcomer whose prompt is all but read already (a cached match leaves at most this many tokens)
+# is prefilled apart from those with much to read: a prefill is a rectangle, and one short row next to
+# a long one would be padded to its length
+SHORT_REST = 8
 # A finished row stays in the running batch (fed, its output ignored) until this share of the rows
 # has finished or newcomers join: dropping rows copies every remaining row's keys and values, which
 # costs more than feeding a few finished rows for a few more steps (evaluate's 240 rows: 60 MB per
@@ -210,9 +219,10 @@ def _crop(group: _Group) -> None:
 
 @dataclass
 class _Prefill:
-    """Newcomers' prompts going through the model, a chunk of columns per step. With a shared
-    prefix the cache starts with its columns, and the rest of each prompt follows, left-padded:
-    [prefix][pad..][rest of the prompt]; the mask marks the hole, positions skip it.
+    """Newcomers' prompts going through the model, a chunk of columns per step. Where the prompt
+    cache holds a row's beginning, the row's cache starts with it (right-aligned at `skip`), and the
+    rest of each prompt follows, left-padded: [pad..][cached][pad..][rest of the prompt]; the mask
+    marks the holes, positions skip them.
 
     A request with score_ids has them right after its prompt: [prefix][pad..][rest][score ids]. The
     logits that predict them give their log-likelihood; the prompt's last column gives the first
@@ -222,10 +232,10 @@ class _Prefill:
     columns no row took are masked out and each answer continues from where it is."""
 
     rows: list[Row]
-    ids: torch.Tensor  # (rows, width), the prompts after the shared prefix (and score ids), left-padded
+    ids: torch.Tensor  # (rows, width), the prompts after their cached beginnings (and score ids), left-padded
     mask: torch.Tensor  # (rows, prefix + width)
     cache: object  # holds the prefix's columns, then the ones prefilled so far
-    skip: int = 0  # columns of the shared prefix
+    skip: int = 0  # columns of cached beginnings (the longest row's)
     done: int = 0  # columns of `ids` already in the cache
     tails: torch.Tensor | None = None  # (rows,) score ids after each prompt (None: no row has any)
     first: torch.Tensor | None = None  # (rows, vocab) logits of each row's next token, once read
@@ -256,14 +266,6 @@ class _Scores:
                    torch.zeros(len(rows), dtype=torch.long, device=device))
 
 
-@dataclass
-class _Prefix:
-    """The keys and values of the beginning many prompts share, for one adapter."""
-
-    ids: tuple[int, ...]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # (1, kv_heads, len(ids), head_dim) per layer
-
-
 def _common_prefix(prompts: list[list[int]]) -> list[int]:
     shortest = min(prompts, key=len)
     for index, token in enumerate(shortest):
@@ -279,7 +281,8 @@ class Engine:
     newcomers' prefill by a chunk, feeds every running row one token, and returns the requests that
     finished (text, finish_reason, or error set)."""
 
-    def __init__(self, model, pad_id: int | None, prefill_tokens: int = 256, mixed_adapters: bool = False):
+    def __init__(self, model, pad_id: int | None, prefill_tokens: int = 256, mixed_adapters: bool = False,
+                 prompt_cache_bytes: int = PROMPT_CACHE_BYTES):
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_id = pad_id if pad_id is not None else 0
@@ -292,8 +295,7 @@ class Engine:
         self.pending: list[Row] = []  # admitted, prefill not started
         self.prefills: deque[_Prefill] = deque()
         self.running: _Group | None = None
-        self.prefixes: dict[str | None, _Prefix] = {}  # per adapter: the shared beginning of prompts
-        self.last_prompt: dict[str | None, list[int]] = {}  # per adapter: the latest prompt prefilled whole
+        self.prompts = PromptCache(prompt_cache_bytes)  # what finished rows held, to be read from again
         self.refused: list[Request] = []  # failed at admission, handed back by the next step
         if self.device.type == "cpu":
             memory.keep_freed_memory()  # a pass's large blocks are reused, not faulted in afresh each pass
@@ -349,16 +351,16 @@ class Engine:
     # -- prefill --
 
     def _learn_prefixes(self, rows: list[Row]) -> None:
-        """Newcomers that begin alike, with no shared prefix known yet for their adapter: read that
-        beginning once, as one row, so that they all start after it."""
+        """Newcomers that begin alike, where the prompt cache has nothing for their beginning: read
+        that beginning once, as one row, and keep it, so that they all start after it."""
         by_adapter: dict[str | None, list[Row]] = {}
         for row in rows:
-            if self._shared_prefix(row) is None:
+            if self.prompts.find(row.adapter_name, row.request.prompt_ids) is None:
                 by_adapter.setdefault(row.adapter_name, []).append(row)
         for adapter, group in by_adapter.items():
             prompts = [row.request.prompt_ids for row in group]
             common = _common_prefix(prompts)[: min(map(len, prompts)) - 1]
-            if len(group) < 2 or not MIN_SHARED_PREFIX <= len(common) <= self.prefill_tokens:
+            if len(group) < 2 or not MIN_MATCH <= len(common) <= self.prefill_tokens:
                 continue
             ids = torch.tensor([common], device=self.device)  # (1, prefix)
             cache = _cache([])
@@ -367,34 +369,40 @@ class Engine:
                               cache)
             except Exception:  # noqa: BLE001, S112 — then the prompts are read whole; one that fails, fails there alone
                 continue
-            self.prefixes[adapter] = _Prefix(tuple(common), _layers(cache))
+            self.prompts.add(adapter, common, _layers(cache))
 
     def _start_prefills(self, rows: list[Row]) -> list[_Prefill]:
-        """One prefill per adapter for the rows that begin with its shared prefix, one for the others."""
+        """One prefill per adapter for the rows whose beginning is cached (those left with little to
+        read apart from the others), one for the rest."""
         groups: dict[object, list[Row]] = {}
         for row in rows:
-            key = row.adapter_name if self._shared_prefix(row) is not None else ("whole prompts",)
+            match = self.prompts.find(row.adapter_name, row.request.prompt_ids)
+            rest = len(row.request.prompt_ids) - match[1] if match else None
+            key = (row.adapter_name, rest <= SHORT_REST) if rest is not None else ("whole prompts",)
             groups.setdefault(key, []).append(row)
         return [self._start_prefill(group) for group in groups.values()]
 
-    def _shared_prefix(self, row: Row) -> _Prefix | None:
-        prefix, prompt = self.prefixes.get(row.adapter_name), row.request.prompt_ids
-        if prefix is None or len(prompt) <= len(prefix.ids) or tuple(prompt[:len(prefix.ids)]) != prefix.ids:
-            return None
-        return prefix
-
     def _start_prefill(self, rows: list[Row]) -> _Prefill:
-        prefix = self._shared_prefix(rows[0])
-        skip = len(prefix.ids) if prefix is not None else 0
-        rests = [row.request.prompt_ids[skip:] + row.request.score_ids for row in rows]
+        """A prefill of these rows: each one's cached beginning copied in, right-aligned at `skip`
+        columns (the longest of them), then the rest of its prompt (and score ids), left-padded."""
+        found = [self.prompts.find(row.adapter_name, row.request.prompt_ids) for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: (id(found[i][0]), found[i][1]) if found[i] else (0, 0))
+        rows, found = [rows[i] for i in order], [found[i] for i in order]  # rows of one match side by side
+        lengths = [match[1] if match else 0 for match in found]
+        for length in lengths:
+            if length:
+                self.prompts.note_hit(length)
+        skip = max(lengths)
+        rests = [row.request.prompt_ids[length:] + row.request.score_ids for row, length in zip(rows, lengths)]
         width = max(len(rest) for rest in rests)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), skip + width), dtype=torch.long)
-        mask[:, :skip] = 1
-        for index, rest in enumerate(rests):
+        for index, (rest, length) in enumerate(zip(rests, lengths)):
+            mask[index, skip - length:skip] = 1
             ids[index, width - len(rest):] = torch.tensor(rest)
             mask[index, skip + width - len(rest):] = 1
-        prefill = _Prefill(rows, ids.to(self.device), mask.to(self.device), self._prefix_cache(prefix, rows, width), skip)
+        cache = self._cached_beginnings(found, skip, width)
+        prefill = _Prefill(rows, ids.to(self.device), mask.to(self.device), cache, skip)
         if any(row.request.score_ids for row in rows):
             prefill.tails = torch.tensor([len(row.request.score_ids) for row in rows], device=self.device)
             prefill.scores = _Scores.of(rows, self.device)
@@ -402,18 +410,32 @@ class Engine:
             prefill.greedy = torch.tensor([row.sampler.plain_greedy for row in rows], device=self.device)
         return prefill
 
-    @staticmethod
-    def _prefix_cache(prefix: _Prefix | None, rows: list[Row], width: int):
-        """A cache holding the shared prefix for every row, in buffers with room for the prompts'
-        `width` columns and then some answer tokens, so that prefilling does not grow them."""
-        if prefix is None:
+    def _cached_beginnings(self, found: list[tuple[Entry, int] | None], skip: int, width: int):
+        """A cache holding each row's cached beginning, right-aligned at `skip` columns (zeros before
+        it: masked out, but never NaN), in buffers with room for the prompts' `width` columns and
+        then some answer tokens, so that prefilling does not grow them. Rows of one match are side
+        by side: each layer takes one copy per match."""
+        if skip == 0:
             return _cache([])
+        runs: list[tuple[Entry, int, int, int]] = []  # (entry, length, first row, end row)
+        for index, match in enumerate(found):
+            if match is None:
+                continue
+            if runs and runs[-1][0] is match[0] and runs[-1][1] == match[1] and runs[-1][3] == index:
+                runs[-1] = (*runs[-1][:3], index + 1)
+            else:
+                runs.append((*match, index, index + 1))
         layers = []
-        for keys, values in prefix.layers:
-            into = _buffers(keys, len(rows), len(prefix.ids) + width)
-            into[0][:, :, :len(prefix.ids)], into[1][:, :, :len(prefix.ids)] = keys, values
+        for layer, (like, _) in enumerate(runs[0][0].layers):
+            into = _buffers(like, len(found), skip + width)
+            for buffer in into:
+                buffer[:, :, :skip] = 0
+            for entry, length, first, end in runs:
+                keys, values = entry.layers[layer]
+                into[0][first:end, :, skip - length:skip] = keys[:, :, :length]
+                into[1][first:end, :, skip - length:skip] = values[:, :, :length]
             layers.append(into)
-        return _cache(layers, used=len(prefix.ids))
+        return _cache(layers, used=skip)
 
     def _advance_prefill(self) -> list[Row]:
         """The next chunk of the oldest prefill, in a pass of its own; when its prompts are all in, the
@@ -447,8 +469,6 @@ class Engine:
             return []
         self.prefills.popleft()
         group = _Group(prefill.rows, prefill.cache, self._end_of_prompts(prefill))
-        if prefill.skip == 0:
-            self._remember_prefix(group)
         finished = self._take_agreed(prefill)
         finished += self._take_tokens(group, prefill.first)
         if not all(row.done for row in group.rows):
@@ -558,22 +578,6 @@ class Engine:
                 finished.append(row)
         return finished
 
-    def _remember_prefix(self, group: _Group) -> None:
-        """Keep the keys and values of what these prompts (and the one before) begin with, when it is
-        long enough to be worth it; it replaces a prefix they did not share."""
-        adapter = group.rows[0].adapter_name
-        if any(row.adapter_name != adapter for row in group.rows):
-            return
-        prompts = [row.request.prompt_ids for row in group.rows]
-        previous = self.last_prompt.get(adapter)
-        self.last_prompt[adapter] = prompts[-1]
-        common = _common_prefix(prompts + ([previous] if previous else []))[: min(map(len, prompts)) - 1]
-        if len(common) < MIN_SHARED_PREFIX:
-            return
-        columns = group.mask[0].nonzero().flatten()[: len(common)]  # row 0's first real tokens
-        layers = [(k[:1, :, columns], v[:1, :, columns]) for k, v in _layers(group.cache)]
-        self.prefixes[adapter] = _Prefix(tuple(common), layers)
-
     def _split_failed_prefill(self, prefill: _Prefill, error: Exception) -> list[Row]:
         if len(prefill.rows) == 1:
             prefill.rows[0].fail(error)
@@ -657,7 +661,7 @@ class Engine:
         finished = []
         live = [slot for slot, row in enumerate(group.rows) if not row.done]  # finished earlier, or by the
         rows = [group.rows[slot] for slot in live]  # score ids it took (see _take_agreed)
-        for row, token in zip(rows, choose_tokens(rows, logits if len(live) == len(group.rows) else logits[live])):
+        for slot, row, token in zip(live, rows, choose_tokens(rows, logits if len(live) == len(group.rows) else logits[live])):
             try:
                 if isinstance(token, Exception):
                     raise token
@@ -666,7 +670,24 @@ class Engine:
                 row.fail(err)
             if row.done:
                 finished.append(row)
+                self._keep(group, slot)
         return finished
+
+    def _keep(self, group: _Group, slot: int) -> None:
+        """Into the prompt cache: what the finished row at `slot` holds (its prompt and the answer
+        tokens fed back), for a next prompt that begins with it (a chat's next turn). Not a failed
+        row, nor one of evaluate's (its cache has its score ids, and its prompt is asked once)."""
+        row = group.rows[slot]
+        request = row.request
+        if request.error is not None or request.score_ids or self.prompts.max_bytes == 0:
+            return
+        columns = group.mask[slot].nonzero().flatten()  # its real tokens, in order
+        fed = request.prompt_ids + request.completion_ids
+        if not len(request.prompt_ids) <= len(columns) <= len(fed):
+            return
+        layers = [(keys[slot:slot + 1, :, columns], values[slot:slot + 1, :, columns]) for keys, values in
+                  _layers(group.cache)]
+        self.prompts.add(row.adapter_name, fed[:len(columns)], layers)
 
 
 def _last_columns(keep: int, columns: int, device) -> int | torch.Tensor:
@@ -685,12 +706,15 @@ def _accepts_logits_to_keep(model) -> bool:
 @torch.no_grad()
 def decode(model, tokenizer, requests: list[Request], stop_ids: list[int], pad_id: int,
            adapter_names: list[str] | None = None, batch_size: int | None = None,
-           on_finished: Callable[[Request], None] | None = None, prefill_tokens: int = 256) -> None:
+           on_finished: Callable[[Request], None] | None = None, prefill_tokens: int = 256,
+           engine: Engine | None = None) -> None:
     """Run the requests to completion, at most `batch_size` at a time (all by default), a new one
     joining as soon as one finishes; results land in each Request. `adapter_names` (one per request,
-    "__base__" for none) runs a PEFT LoRA model with a different adapter per row. The first error of
-    a request is raised once the others are done."""
-    engine = Engine(model, pad_id, prefill_tokens, mixed_adapters=adapter_names is not None)
+    "__base__" for none) runs a PEFT LoRA model with a different adapter per row. An idle `engine`
+    of this model may be given (its prompt cache is kept between calls; a chat's turns). The first
+    error of a request is raised once the others are done."""
+    if engine is None or engine.busy:
+        engine = Engine(model, pad_id, prefill_tokens, mixed_adapters=adapter_names is not None)
     waiting = deque(range(len(requests)))
     limit = batch_size or len(requests)
     while waiting or engine.busy:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from tunesmith.infer.engine import Engine, Request
+from tunesmith.infer.engine import PROMPT_CACHE_BYTES, Engine, Request
 from tunesmith.infer.generate import stop_token_ids
 from tunesmith.infer.registry import Served
 from tunesmith.log import say
@@ -44,15 +44,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int = 8, max_queue: int = 64, prefill_tokens: int = 256):
+    def __init__(self, max_batch_size: int = 8, max_queue: int = 64, prefill_tokens: int = 256,
+                 prompt_cache_bytes: int = PROMPT_CACHE_BYTES):
         self.max_batch_size = max_batch_size  # rows decoded together, at most
         self.max_queue = max_queue  # jobs waiting to join, at most
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per decode step, at most
+        self.prompt_cache_bytes = prompt_cache_bytes  # per engine: what finished requests held (prompt_cache.py)
         self._waiting: deque[Job] = deque()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="tunesmith-decode", daemon=True)
-        self._engines: dict[str, Engine] = {}  # per batch key, kept between runs: it remembers shared prompt prefixes
+        self._engines: dict[str, Engine] = {}  # per batch key, kept between runs: its prompt cache lives on
         self.batches = 0  # runs of one model from an empty engine to an empty engine, for the log
         self.largest_batch = 0  # most rows decoded together
 
@@ -70,6 +72,12 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def prompt_cache_use(self) -> tuple[int, int]:
+        """Prompts that began with cached keys and values, and the tokens they did not read again."""
+        engines = list(self._engines.values())
+        return sum(e.prompts.hits for e in engines), sum(e.prompts.tokens_reused for e in engines)
 
     @property
     def waiting(self) -> int:
@@ -119,7 +127,8 @@ class Scheduler:
         mixed = first.mixed_batches
         engine = self._engines.get(first.batch_key)
         if engine is None:
-            engine = Engine(first.loaded.model, first.loaded.tokenizer.pad_token_id, self.prefill_tokens, mixed)
+            engine = Engine(first.loaded.model, first.loaded.tokenizer.pad_token_id, self.prefill_tokens, mixed,
+                            self.prompt_cache_bytes)
             self._engines[first.batch_key] = engine
         with nullcontext() if mixed else first.activate():
             while True:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.engine import Request, Sampling
+from tunesmith.infer.engine import PROMPT_CACHE_BYTES, Request, Sampling
 from tunesmith.infer.generate import conversation_prompt
 from tunesmith.infer.registry import Served, load_models, parse_adapter
 from tunesmith.infer.scheduler import Job, QueueFull, Scheduler
@@ -535,6 +535,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-tokens", type=int, default=256,
                         help="prompt tokens taken in per decode step, at most: a long prompt is read in chunks "
                              "while the running answers keep coming")
+    parser.add_argument("--prompt-cache-mb", type=int, default=PROMPT_CACHE_BYTES >> 20,
+                        help="memory for the keys and values of finished requests, so that a prompt beginning "
+                             "the same way (a chat's next turn, the same system text) is not read again; 0: off")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help="larger request bodies are refused (413)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -576,6 +579,8 @@ def main(argv: list[str]) -> int:
             f"models (set --api-key or ${API_KEY_ENV})")
     if args.threads is not None and args.threads < 1:
         raise TunesmithError(f"--threads {args.threads} must be at least 1")
+    if args.prompt_cache_mb < 0:
+        raise TunesmithError(f"--prompt-cache-mb {args.prompt_cache_mb} must be 0 (off) or more")
     from tunesmith.device import pick_device, use_threads
 
     use_threads(args.threads, pick_device(args.device))
@@ -583,7 +588,7 @@ def main(argv: list[str]) -> int:
     models = load_models(args.model, [parse_adapter(a) for a in args.adapters], args.template, args.device,
                          args.precision)
     limits = limits_from(args, models)
-    scheduler = Scheduler(args.max_batch_size, args.max_queue, args.prefill_tokens).start()
+    scheduler = Scheduler(args.max_batch_size, args.max_queue, args.prefill_tokens, args.prompt_cache_mb << 20).start()
     state = ServerState(models, scheduler, limits, args.api_key or None, int(time.time()))
     sock.listen(2048)  # from here on connections wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
@@ -592,7 +597,9 @@ def main(argv: list[str]) -> int:
         f"{', API key required' if state.api_key else ''}); Ctrl-C stops")
     def stop() -> None:  # before uvicorn re-raises the signal that stopped it
         scheduler.stop()
-        say(f"Stopped (at most {scheduler.largest_batch} requests were decoded together)")
+        hits, reused = scheduler.prompt_cache_use
+        say(f"Stopped (at most {scheduler.largest_batch} requests were decoded together; {hits} prompts began "
+            f"with cached tokens, {reused} tokens not read again)")
 
     app = build_app(state, on_stop=stop)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
