@@ -219,8 +219,8 @@ def test_chat_continues_each_sides_own_conversation(finished_run, monkeypatch):
 
     prompts = []  # the prompt ids each answer is decoded from
     pieces = chat._pieces
-    monkeypatch.setattr(chat, "_pieces", lambda loaded, lock, request: prompts.append(request.prompt_ids)
-                        or pieces(loaded, lock, request))
+    monkeypatch.setattr(chat, "_pieces", lambda loaded, lock, request, engine: prompts.append(request.prompt_ids)
+                        or pieces(loaded, lock, request, engine))
     client = TestClient(create_app(finished_run))
     first, second = "What is 3 plus one?", "And what is 5 plus one?"
     history = [{"role": "user", "content": first}, {"role": "assistant", "content": "It is 4."}]
@@ -240,6 +240,24 @@ def test_chat_continues_each_sides_own_conversation(finished_run, monkeypatch):
         assert squeezed.status_code == 200 and int(squeezed.headers["X-Dropped-Turns"]) >= 1
     too_long = client.post("/api/chat", json={"run": "tuned", "prompt": "seven plus one " * 40, "max_new_tokens": 1990})
     assert too_long.status_code == 400 and "too long" in too_long.json()["problems"][0]
+
+
+def test_a_chat_turn_reads_the_earlier_turns_from_the_models_prompt_cache(finished_run, monkeypatch):
+    """Each model keeps one engine between answers: the second turn's prompt begins with the first
+    turn's prompt and answer, which that engine's prompt cache holds."""
+    from tunesmith.studio import chat
+
+    engines = []
+    engine_of = chat.Models.engine
+    monkeypatch.setattr(chat.Models, "engine", lambda *a, **k: engines.append(engine_of(*a, **k)) or engines[-1])
+    client = TestClient(create_app(finished_run))
+    first, second = "What is 3 plus one?", "And what is 5 plus one?"
+    answer = client.post("/api/chat", json={"run": "tuned", "side": "base", "prompt": first, "max_new_tokens": 8}).text
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": answer.strip()}]
+    client.post("/api/chat", json={"run": "tuned", "side": "base", "prompt": second, "history": history,
+                                   "max_new_tokens": 8})
+    assert len(engines) == 2 and engines[0] is engines[1]
+    assert engines[0].prompts.hits == 1 and engines[0].prompts.tokens_reused > 16
 
 
 @pytest.mark.parametrize("history", ["not a list", [{"role": "user", "content": "q"}],

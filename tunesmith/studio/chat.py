@@ -1,16 +1,20 @@
 """Answers streamed from a run's base model and its tuned one, side by side for the same prompt:
 both loaded as `tunesmith chat` loads them (the run's own template), kept while in use. Each side
-continues its own conversation: the page sends the earlier turns with that side's own answers."""
+continues its own conversation: the page sends the earlier turns with that side's own answers,
+and each model's engine keeps what it read (its prompt cache), so a next turn reads only the new
+message."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from tunesmith.infer.chat import Conversation
+from tunesmith.infer.engine import Engine
 from tunesmith.infer.generate import Loaded, load_base, load_run, stop_token_ids
 from tunesmith.infer.request import Request, Sampling
 
@@ -22,7 +26,19 @@ class Models:
     def __init__(self):
         self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self.locks: dict[tuple[str, str], threading.Lock] = {}
+        # one engine per loaded model, kept between answers: its prompt cache holds the conversations
+        # so far, so a next turn reads only the new message (used under the model's lock)
+        self.engines: dict[tuple[str, str], Engine] = {}
         self.guard = threading.Lock()
+
+    def engine(self, folder: Path, side: str, loaded: Loaded, fresh: bool = False) -> Engine:
+        """The model's engine (a new one with `fresh`: the last answer failed half-way through a step)."""
+        key = (str(folder), side)
+        with self.guard:
+            engine = self.engines.get(key)
+            if fresh or engine is None or engine.model is not loaded.model:
+                engine = self.engines[key] = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+            return engine
 
     def get(self, folder: Path, side: str) -> tuple[Loaded, threading.Lock]:
         key = (str(folder), side)
@@ -37,7 +53,7 @@ class Models:
             with self.guard:
                 self.loaded[key] = loaded
                 while len(self.loaded) > KEEP_MODELS:
-                    self.loaded.popitem(last=False)
+                    self.engines.pop(self.loaded.popitem(last=False)[0], None)
         return loaded, lock
 
 
@@ -62,22 +78,26 @@ def stream(models: Models, folder: Path, side: str, history: list[dict], prompt:
     prompt_ids = conversation.prompt_ids(prompt)
     if prompt_ids is None:
         return None
-    return _pieces(loaded, lock, Request(prompt_ids, sampling)), conversation.dropped
+    engine = partial(models.engine, folder, side, loaded)
+    return _pieces(loaded, lock, Request(prompt_ids, sampling), engine), conversation.dropped
 
 
-def _pieces(loaded: Loaded, lock: threading.Lock, request: Request) -> Iterator[str]:
+def _pieces(loaded: Loaded, lock: threading.Lock, request: Request,
+            engine: Callable[..., Engine] | None = None) -> Iterator[str]:
     pieces: queue.Queue = queue.Queue()
     request.on_text = pieces.put
 
     def work() -> None:
         from tunesmith.infer.engine import decode
 
-        try:
-            with lock:  # one answer at a time per model; the other side runs beside it
+        with lock:  # one answer at a time per model; the other side runs beside it
+            try:
                 decode(loaded.model, loaded.tokenizer, [request], stop_token_ids(loaded),
-                       loaded.tokenizer.pad_token_id)
-        except Exception as err:  # noqa: BLE001 — shown to the page as this answer's error
-            pieces.put(f"\n[error: {err}]")
+                       loaded.tokenizer.pad_token_id, engine=engine() if engine else None)
+            except Exception as err:  # noqa: BLE001 — shown to the page as this answer's error
+                pieces.put(f"\n[error: {err}]")
+                if engine:
+                    engine(fresh=True)  # the failed one may have stopped half-way through a step
         pieces.put(DONE)
 
     threading.Thread(target=work, daemon=True).start()
