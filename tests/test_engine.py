@@ -297,8 +297,9 @@ def _cached_length(request: Request) -> int:
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
 def test_a_prompt_read_before_is_not_read_again(tiny_models, monkeypatch, family):
-    """The same prompt again reads only its last token; a chat's next turn (the previous prompt, its
-    answer, a new message) reads only what is new. The answers are still generate's."""
+    """The same prompt again reads only its last token, in a decode pass; a chat's next turn (the
+    previous prompt, its answer, a new message) reads only what is new. The answers are still
+    generate's."""
     from tunesmith.infer.engine import Engine
 
     loaded = _loaded(tiny_models, family)
@@ -313,12 +314,34 @@ def test_a_prompt_read_before_is_not_read_again(tiny_models, monkeypatch, family
     follow_up = Request(prompt + first.completion_ids + _ids(loaded, " and the quick brown fox"),
                         Sampling(max_new_tokens=6), score_ids=score)
     _engine_run(engine, loaded, {0: [follow_up]})
-    assert chunks == [(1, len(prompt)), (1, 1), (1, len(follow_up.prompt_ids) - _cached_length(first) + len(score))]
+    # the same prompt: all but its last token cached, which is fed as a decode step's (no prefill chunk)
+    assert chunks == [(1, len(prompt)), (1, len(follow_up.prompt_ids) - _cached_length(first) + len(score))]
     assert engine.prompts.hits == 2
     for request in (first, again, follow_up):
         assert request.completion_ids == _reference(loaded, request.prompt_ids, 6)
     logprob, _ = _log_likelihood(loaded, follow_up.prompt_ids, score, [True] * len(score))
     assert follow_up.score_logprob == pytest.approx(logprob, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_cached_prompt_joins_the_running_rows_without_a_prefill(tiny_models, monkeypatch, family):
+    """A prompt read before, arriving while another request decodes, goes straight into the running
+    batch (its last token fed in their pass): no prefill chunk is read for it, and both answers are
+    still generate's."""
+    from tunesmith.infer.engine import Engine
+
+    loaded = _loaded(tiny_models, family)
+    prompt = _ids(loaded, "Below is an instruction that describes a task. Write a response. hello world")
+    engine = Engine(loaded.model, loaded.tokenizer.pad_token_id)
+    _engine_run(engine, loaded, {0: [Request(prompt, Sampling(max_new_tokens=6))]})
+    running = Request(_ids(loaded, PROMPTS[2]), Sampling(max_new_tokens=10))
+    again = Request(list(prompt), Sampling(max_new_tokens=6))
+    chunks = _prefill_chunks(monkeypatch)
+    trace = _engine_run(engine, loaded, {0: [running], 2: [again]})
+    assert chunks == [(1, len(running.prompt_ids))]  # only the new prompt was prefilled
+    assert trace[2][1] == 1  # `again` took its first token in the step it arrived
+    for request in (running, again):
+        assert request.completion_ids == _reference(loaded, request.prompt_ids, request.sampling.max_new_tokens)
 
 
 def test_newcomers_with_beginnings_of_different_lengths_are_prefilled_together(tiny_models, monkeypatch):

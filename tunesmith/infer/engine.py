@@ -8,7 +8,9 @@ between two decode steps, and leaves it the moment it is finished:
               generator), its stop tokens, its adapter
     reuse     the longest beginning of its prompt that a finished row held (a chat's previous turn,
               the same system block or question again; prompt_cache.py) is copied into its cache
-              and not read again; newcomers that arrive together read their common beginning once
+              and not read again; newcomers that arrive together read their common beginning once;
+              a newcomer left with only its prompt's last token joins the running rows at once,
+              that token fed as its next one
     prefill   the newcomers' prompts, left-padded together, go through the model at most
               `prefill_tokens` tokens per step, so a long prompt never stalls the running rows;
               a request's score ids (evaluate's reference answer) ride along after its prompt:
@@ -329,6 +331,8 @@ class Engine:
             self._learn_prefixes(self.pending)
             self.prefills.extend(self._start_prefills(self.pending))
             self.pending = []
+        while self.prefills and self._one_column_left(self.prefills[0]):
+            self._join_running(self.prefills.popleft())
         if self.prefills and self.running is not None and self._packs_with_running(self.prefills[0]):
             finished += self._advance_together()
             return refused + [row.request for row in finished]
@@ -475,6 +479,21 @@ class Engine:
             group = _live(group)
             self.running = _merge([_live(self.running), group]) if self.running is not None else group
         return finished
+
+    @staticmethod
+    def _one_column_left(prefill: _Prefill) -> bool:
+        """Whether all the prefill has left to read is each prompt's last token (the rest was in the
+        prompt cache, or read in earlier chunks) and no score ids are to be read with it."""
+        return prefill.tails is None and prefill.ids.shape[1] - prefill.done == 1
+
+    def _join_running(self, prefill: _Prefill) -> None:
+        """The prefill's rows join the running batch as if decoding: their prompts' last tokens are
+        fed as their next tokens in the running rows' own pass, whose logits give their first
+        answer tokens (a pass of one column per row, not a second part beside the running rows')."""
+        for row, token in zip(prefill.rows, prefill.ids[:, -1].tolist()):
+            row.next_token = token
+        group = _Group(prefill.rows, prefill.cache, prefill.mask[:, :-1])  # the columns the cache holds
+        self.running = _merge([_live(self.running), group]) if self.running is not None else group
 
     def _packs_with_running(self, prefill: _Prefill) -> bool:
         """Whether the prefill's next chunk can go through the running rows' decode pass: a model
