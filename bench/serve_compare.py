@@ -2,11 +2,14 @@
 other, through bench/serve_load.py at several client counts.
 
     .venv/bin/python bench/serve_compare.py --merged RUN/merged --gguf RUN/export-f16/RUN.f16.gguf \
-        [--clients 1 8 64] [--seconds 30] [--batch 32] [--unique]
+        [--clients 1 8 64] [--seconds 30] [--batch 32] [--rounds 2] [--unique]
 
 --merged is `tunesmith merge RUN` (served by tunesmith in the precision auto picks), --gguf the same run exported by
 `tunesmith export RUN --type f16` (served by llama-server, built once by bench/llama_server.py).
-Both get the same batch size / parallel slots and their default CPU threads. Run it alone.
+Both get the same batch size / parallel slots and their default CPU threads. Both servers stay up
+(idle, neither spins) and take turns: for each client count, --rounds runs of each, alternating
+(the first one swapped every round), so that a VM's drift does not favour one; the medians and
+every run are printed. Run it alone.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("tunesmith", "llama.cpp")
 sys.path.insert(0, str(ROOT / "bench"))
 
 
@@ -80,20 +85,33 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each server per client count")
     parser.add_argument("--unique", action="store_true", help="no prompt sent twice (serve_load.py --unique)")
     args = parser.parse_args()
     lines = [("| server | clients | requests | errors | requests/s | completion tokens/s | latency p50 s | "
               "first token p50 s |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for kind in ("tunesmith", "llama.cpp"):
-        process, url = start(kind, args)
-        try:
-            for clients in args.clients:
-                lines.append(row(kind, clients, load(url, clients, args.seconds, args.unique)))
-                print(lines[-1], flush=True)
-        finally:
+    servers = {kind: start(kind, args) for kind in KINDS}  # both up (idle, they wait without spinning)
+    summary = []
+    try:
+        for clients in args.clients:
+            rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
+            for round_ in range(args.rounds):  # alternating, the first one swapped each round
+                for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
+                    result = load(servers[kind][1], clients, args.seconds, args.unique)
+                    rates[kind].append(result["requests_per_s"])
+                    lines.append(row(kind, clients, result))
+                    print(lines[-1], flush=True)
+            medians = {kind: statistics.median(rates[kind]) for kind in KINDS}
+            summary.append(f"{clients} clients: median requests/s tunesmith {medians['tunesmith']:.2f} "
+                           f"({', '.join(f'{r:.2f}' for r in rates['tunesmith'])}), llama.cpp "
+                           f"{medians['llama.cpp']:.2f} ({', '.join(f'{r:.2f}' for r in rates['llama.cpp'])}): "
+                           f"llama.cpp / tunesmith {medians['llama.cpp'] / medians['tunesmith']:.2f}x")
+            print(summary[-1], flush=True)
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=60)
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + summary))
 
 
 if __name__ == "__main__":
