@@ -174,38 +174,47 @@ class _Group:
 
 def _select(group: _Group, slots: list[int]) -> _Group:
     """A new group of the rows at `slots`, without the left columns none of them uses."""
-    index = torch.tensor(slots, device=group.mask.device)
-    mask = group.mask[index]  # (kept, width)
-    start = int(mask.any(0).long().argmax())  # the first column some kept row uses
-    width = group.width - start
-    layers = []
-    for keys, values in _layers(group.cache):  # each written once, straight into its new buffer
-        into = _buffers(keys, len(slots), width)
-        torch.index_select(keys[:, :, start:], 0, index, out=into[0][:, :, :width])
-        torch.index_select(values[:, :, start:], 0, index, out=into[1][:, :, :width])
-        layers.append(into)
-    return _Group([group.rows[slot] for slot in slots], _cache(layers, used=width), mask[:, start:])
+    return _combine([(group, slots)])
 
 
 def _merge(groups: list[_Group]) -> _Group:
     """One group of all the rows: the narrower caches padded on the left with masked zeros."""
-    if len(groups) == 1:
-        return groups[0]
-    width = max(g.width for g in groups)
-    pads = [width - g.width for g in groups]
-    mask = torch.cat([F.pad(g.mask, (pad, 0)) for g, pad in zip(groups, pads)])  # (rows, width)
-    starts = [0]
-    for g in groups:
-        starts.append(starts[-1] + len(g.rows))
+    return groups[0] if len(groups) == 1 else _combine([(group, None) for group in groups])
+
+
+def _combine(parts: list[tuple[_Group, list[int] | None]]) -> _Group:
+    """One group of the rows at the given slots of each group (None: all of them), each group's left
+    columns that none of its kept rows uses dropped, the narrower ones padded on the left with masked
+    zeros. Every kept row's keys and values are written once, straight into the new buffers (rows
+    leaving and rows joining cost one copy, not one each)."""
+    device = parts[0][0].mask.device
+    kept = []  # (group, row index or None, its mask from its first used column, that column)
+    for group, slots in parts:
+        index = None if slots is None else torch.tensor(slots, device=device)
+        mask = group.mask if index is None else group.mask[index]
+        start = int(mask.any(0).long().argmax())  # the first column some kept row uses
+        kept.append((group, index, mask[:, start:], start))
+    width = max(mask.shape[1] for _, _, mask, _ in kept)
+    rows = sum(len(mask) for _, _, mask, _ in kept)
     layers = []
-    for kv in zip(*[_layers(g.cache) for g in groups]):  # each group's rows written once into the buffer
-        into = _buffers(kv[0][0], starts[-1], width)
-        for (keys, values), pad, first, end in zip(kv, pads, starts, starts[1:]):
+    for kv in zip(*[_layers(group.cache) for group, _, _, _ in kept]):  # each layer: every group's keys, values
+        into = _buffers(kv[0][0], rows, width)
+        first = 0
+        for (keys, values), (_, index, mask, start) in zip(kv, kept):
+            end, pad = first + len(mask), width - mask.shape[1]
             for buffer, part in zip(into, (keys, values)):
-                buffer[first:end, :, :pad] = 0  # masked out, but must not be NaN: 0 x NaN is NaN
-                buffer[first:end, :, pad:width] = part
+                if pad:
+                    buffer[first:end, :, :pad] = 0  # masked out, but must not be NaN: 0 x NaN is NaN
+                if index is None:
+                    buffer[first:end, :, pad:width] = part[:, :, start:]
+                else:
+                    torch.index_select(part[:, :, start:], 0, index, out=buffer[first:end, :, pad:width])
+            first = end
         layers.append(into)
-    return _Group([row for g in groups for row in g.rows], _cache(layers, used=width), mask)
+    mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for _, _, mask, _ in kept])
+    rows_kept = [group.rows[slot] for group, slots in parts for slot in (slots if slots is not None else
+                                                                         range(len(group.rows)))]
+    return _Group(rows_kept, _cache(layers, used=width), mask)
 
 
 def _live(group: _Group) -> _Group:
@@ -476,8 +485,7 @@ class Engine:
         finished = self._take_agreed(prefill)
         finished += self._take_tokens(group, prefill.first)
         if not all(row.done for row in group.rows):
-            group = _live(group)
-            self.running = _merge([_live(self.running), group]) if self.running is not None else group
+            self.running = self._with_running(_live(group))
         return finished
 
     @staticmethod
@@ -492,8 +500,15 @@ class Engine:
         answer tokens (a pass of one column per row, not a second part beside the running rows')."""
         for row, token in zip(prefill.rows, prefill.ids[:, -1].tolist()):
             row.next_token = token
-        group = _Group(prefill.rows, prefill.cache, prefill.mask[:, :-1])  # the columns the cache holds
-        self.running = _merge([_live(self.running), group]) if self.running is not None else group
+        self.running = self._with_running(_Group(prefill.rows, prefill.cache, prefill.mask[:, :-1]))  # the
+        # columns the cache holds
+
+    def _with_running(self, group: _Group) -> _Group:
+        """The running rows still going, and the group's rows after them, in one group."""
+        if self.running is None:
+            return group
+        live = [slot for slot, row in enumerate(self.running.rows) if not row.done]
+        return _combine([(self.running, live), (group, None)]) if live else group
 
     def _packs_with_running(self, prefill: _Prefill) -> bool:
         """Whether the prefill's next chunk can go through the running rows' decode pass: a model
