@@ -536,8 +536,9 @@ def parser() -> argparse.ArgumentParser:
                         help="prompt tokens taken in per decode step, at most: a long prompt is read in chunks "
                              "while the running answers keep coming")
     parser.add_argument("--prompt-cache-mb", type=int, default=PROMPT_CACHE_BYTES >> 20,
-                        help="memory for the keys and values of finished requests, so that a prompt beginning "
-                             "the same way (a chat's next turn, the same system text) is not read again; 0: off")
+                        help="memory per served base model for the keys and values of finished requests, so "
+                             "that a prompt beginning the same way (a chat's next turn, the same system text) is "
+                             "not read again; 0: off")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help="larger request bodies are refused (413)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
