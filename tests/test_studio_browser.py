@@ -130,8 +130,9 @@ def test_the_whole_job_in_the_browser(server, page, llama, tmp_path):
     page.wait_for_function("() => { const l = document.querySelector('svg[data-chart=loss] polyline[data-series=loss]');"
                            " return l && Number(l.dataset.count) >= 3; }")
     seen = loss_points(page)
-    page.wait_for_function(f"() => Number(document.querySelector('svg[data-chart=loss] polyline[data-series=loss]')"
-                           f".dataset.count) > {seen}")
+    if seen < 150:  # a busy machine's page may first look when the run is already done: nothing left to grow
+        page.wait_for_function(f"() => Number(document.querySelector('svg[data-chart=loss] "
+                               f"polyline[data-series=loss]').dataset.count) > {seen}")
     expect(page.locator("#run-status")).to_contain_text("finished")
     assert loss_points(page) == 150
     expect(page.locator('svg[data-chart="loss"] polyline[data-series="val_loss"]')).to_have_count(1)
