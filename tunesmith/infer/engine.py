@@ -337,7 +337,6 @@ class Engine:
         refused, self.refused = self.refused, []
         finished: list[Row] = []
         if self.pending and not self.prefills:
-            self._learn_prefixes(self.pending)
             self.prefills.extend(self._start_prefills(self.pending))
             self.pending = []
         while self.prefills and self._one_column_left(self.prefills[0]):
@@ -363,13 +362,13 @@ class Engine:
 
     # -- prefill --
 
-    def _learn_prefixes(self, rows: list[Row]) -> None:
-        """Newcomers that begin alike, where the prompt cache has nothing for their beginning: read
-        that beginning once, as one row, and keep it, so that they all start after it."""
+    def _learn_prefixes(self, rows: list[Row]) -> bool:
+        """Newcomers that begin alike, none of them with anything in the prompt cache: read that
+        beginning once, as one row, and keep it, so that they all start after it. Whether any was kept."""
         by_adapter: dict[str | None, list[Row]] = {}
         for row in rows:
-            if self.prompts.find(row.adapter_name, row.request.prompt_ids) is None:
-                by_adapter.setdefault(row.adapter_name, []).append(row)
+            by_adapter.setdefault(row.adapter_name, []).append(row)
+        learned = False
         for adapter, group in by_adapter.items():
             prompts = [row.request.prompt_ids for row in group]
             common = _common_prefix(prompts)[: min(map(len, prompts)) - 1]
@@ -383,22 +382,33 @@ class Engine:
             except Exception:  # noqa: BLE001, S112 — then the prompts are read whole; one that fails, fails there alone
                 continue
             self.prompts.add(adapter, common, _layers(cache))
+            learned = True
+        return learned
 
     def _start_prefills(self, rows: list[Row]) -> list[_Prefill]:
         """One prefill per adapter for the rows whose beginning is cached (those left with little to
-        read apart from the others), one for the rest."""
-        groups: dict[object, list[Row]] = {}
-        for row in rows:
-            match = self.prompts.find(row.adapter_name, row.request.prompt_ids)
+        read apart from the others), one for the rest. Each row's match is looked up once (again
+        only for the rows without one, after their common beginning was learned)."""
+        found = [self._match(row) for row in rows]
+        if self._learn_prefixes([row for row, match in zip(rows, found) if match is None]):
+            found = [match or self._match(row) for row, match in zip(rows, found)]
+        groups: dict[object, tuple[list[Row], list]] = {}
+        for row, match in zip(rows, found):
             rest = len(row.request.prompt_ids) - match[1] if match else None
             key = (row.adapter_name, rest <= SHORT_REST) if rest is not None else ("whole prompts",)
-            groups.setdefault(key, []).append(row)
-        return [self._start_prefill(group) for group in groups.values()]
+            group = groups.setdefault(key, ([], []))
+            group[0].append(row)
+            group[1].append(match)
+        return [self._start_prefill(group, matches) for group, matches in groups.values()]
 
-    def _start_prefill(self, rows: list[Row]) -> _Prefill:
-        """A prefill of these rows: each one's cached beginning copied in, right-aligned at `skip`
-        columns (the longest of them), then the rest of its prompt (and score ids), left-padded."""
-        found = [self.prompts.find(row.adapter_name, row.request.prompt_ids) for row in rows]
+    def _match(self, row: Row) -> tuple[Entry, int] | None:
+        return self.prompts.find(row.adapter_name, row.request.prompt_ids)
+
+    def _start_prefill(self, rows: list[Row], found: list[tuple[Entry, int] | None] | None = None) -> _Prefill:
+        """A prefill of these rows: each one's cached beginning (`found`, else looked up) copied in,
+        right-aligned at `skip` columns (the longest of them), then the rest of its prompt (and score
+        ids), left-padded."""
+        found = found if found is not None else [self._match(row) for row in rows]
         order = sorted(range(len(rows)), key=lambda i: (id(found[i][0]), found[i][1]) if found[i] else (0, 0))
         rows, found = [rows[i] for i in order], [found[i] for i in order]  # rows of one match side by side
         lengths = [match[1] if match else 0 for match in found]
@@ -438,10 +448,11 @@ class Engine:
                 runs[-1] = (*runs[-1][:3], index + 1)
             else:
                 runs.append((*match, index, index + 1))
+        holes = any(match is None or match[1] < skip for match in found)  # columns no cached entry fills
         layers = []
         for layer, (like, _) in enumerate(runs[0][0].layers):
             into = _buffers(like, len(found), skip + width)
-            for buffer in into:
+            for buffer in into if holes else ():
                 buffer[:, :, :skip] = 0
             for entry, length, first, end in runs:
                 keys, values = entry.layers[layer]
