@@ -134,8 +134,9 @@ def test_resume_after_a_kill_runs_only_the_interrupted_trial_again(resumed):
 def test_pruner_stops_a_trial_whose_loss_ranks_below_the_others(cli, tmp_path, llama, data):
     """Grid order is the file's: lr 3e-2 trains first; lr 30 (hopeless) is then compared at its first
     rung, step 4, with successive halving (reduction factor 2) and stopped there. No LoRA dropout,
-    so both courses are fixed (at step 2 the tiny model's losses are still too close to rank)."""
-    config = write_config(tmp_path, llama, data, max_steps=30, lora_dropout=0.0)
+    so both courses are fixed (at step 2 the tiny model's losses are still too close to rank). 100 steps:
+    the SIGINT comes up to a second after step 4 (a fresh CI once saw a 30-step trial end first)."""
+    config = write_config(tmp_path, llama, data, max_steps=100, eval_interval=4, lora_dropout=0.0)
     space = write_space(tmp_path, "train.learning_rate: [3e-2, 30.0]\n"
                                   "pruner: {type: asha, min_resource: 4, reduction_factor: 2}\n")
     sweep_dir = tmp_path / "sweep"
@@ -144,8 +145,8 @@ def test_pruner_stops_a_trial_whose_loss_ranks_below_the_others(cli, tmp_path, l
     rows = table(sweep_dir)
     assert [rows[0]["state"], rows[1]["state"]] == ["complete", "pruned"]
     assert rows[1]["note"] == "pruned at step 4"
-    assert last_step(sweep_dir / "trial-000") == 30 and (sweep_dir / "trial-000" / "final").is_dir()
-    assert last_step(sweep_dir / "trial-001") < 30  # SIGINT stopped it: a checkpoint, no final/
+    assert last_step(sweep_dir / "trial-000") == 100 and (sweep_dir / "trial-000" / "final").is_dir()
+    assert last_step(sweep_dir / "trial-001") < 100  # SIGINT stopped it: a checkpoint, no final/
     assert not (sweep_dir / "trial-001" / "final").exists()
     assert list((sweep_dir / "trial-001").glob("step-*"))
     assert "pruned" in result.out
