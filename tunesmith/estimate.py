@@ -38,6 +38,7 @@ import torch
 
 from tunesmith.config import PAIRED_METHODS, RunConfig
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.model.load import LOADING
 from tunesmith.train.loss import PIECE_BYTES, logit_transform
 
 GiB = 2**30
@@ -120,7 +121,7 @@ def model_config(spec: str):
 def meta_model(model_config_):
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with LOADING, torch.device("meta"):  # from_config swaps what from_pretrained does: one at a time
         return AutoModelForCausalLM.from_config(model_config_)
 
 

@@ -20,7 +20,7 @@ from tunesmith import config as config_module
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.log import say
-from tunesmith.model.load import load_model, resolve
+from tunesmith.model.load import LOADING, load_model, resolve
 from tunesmith.train import checkpoint
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +46,9 @@ def load_tuned(folder: Path, run_config: RunConfig, device: str = "cpu"):
     from peft import PeftModel
 
     if run_config.weights == "adapter":
-        return PeftModel.from_pretrained(base_for(run_config, device), str(folder))
+        base = base_for(run_config, device)
+        with LOADING:
+            return PeftModel.from_pretrained(base, str(folder))
     return merged_model(folder, run_config, device)
 
 
@@ -60,7 +62,9 @@ def merged_model(folder: Path, run_config: RunConfig, device: str = "cpu"):
         raise MergeError(f"{folder} holds {run_config.method!r} weights that are not a weight update "
                          "(LLaMA-Adapter prompts add attention to learned tokens); only lora, dora and qlora "
                          "adapters can be folded into the base")
-    wrapped = PeftModel.from_pretrained(base_for(run_config, device), str(folder))
+    base = base_for(run_config, device)
+    with LOADING:
+        wrapped = PeftModel.from_pretrained(base, str(folder))
     try:
         model = wrapped.merge_and_unload(safe_merge=True)
     except ValueError as err:  # PEFT's safe merge found NaNs

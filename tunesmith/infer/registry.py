@@ -24,7 +24,7 @@ from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.infer.engine import context_length
 from tunesmith.infer.generate import Loaded, load_base, load_run
 from tunesmith.log import say
-from tunesmith.model.load import ALIASES, load_tokenizer, resolve
+from tunesmith.model.load import ALIASES, LOADING, load_tokenizer, resolve
 from tunesmith.train import checkpoint
 
 SHARED_METHODS = ("lora", "dora")  # adapters that are a weight update of the base: attachable side by side
@@ -147,9 +147,10 @@ def _attach(model, shared: list):
     from peft import PeftModel
 
     (first_name, first_folder, _), rest = shared[0], shared[1:]
-    model = PeftModel.from_pretrained(model, str(checkpoint.pick(first_folder)), adapter_name=first_name)
-    for name, folder, _ in rest:
-        model.load_adapter(str(checkpoint.pick(folder)), adapter_name=name)
+    with LOADING:
+        model = PeftModel.from_pretrained(model, str(checkpoint.pick(first_folder)), adapter_name=first_name)
+        for name, folder, _ in rest:
+            model.load_adapter(str(checkpoint.pick(folder)), adapter_name=name)
     return model.eval()
 
 

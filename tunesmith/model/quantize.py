@@ -14,6 +14,7 @@ import torch
 
 from tunesmith.config import QloraConfig
 from tunesmith.errors import ModelError, TunesmithError
+from tunesmith.model.load import LOADING
 
 BLOCK_SIZE = 64  # weights per 4-bit block (bitsandbytes' blocksize for 4-bit)
 SCALE_BLOCK_SIZE = 256  # 8-bit scales per fp32 second-level scale under double quantization
@@ -49,9 +50,10 @@ def load_quantized(location: Path | str, qlora: QloraConfig, run_dtype: torch.dt
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(location), quantization_config=bnb_config(qlora, run_dtype),
-                                                    dtype=run_dtype, device_map={"": device},
-                                                    attn_implementation="sdpa")
+        with LOADING:
+            return AutoModelForCausalLM.from_pretrained(str(location), quantization_config=bnb_config(qlora, run_dtype),
+                                                        dtype=run_dtype, device_map={"": device},
+                                                        attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {location} in 4 bits: {err}") from None
 
