@@ -383,6 +383,55 @@ def test_one_packed_micro_batch_equals_four_single_pair_micro_batches(adapted, m
             assert figures[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key
 
 
+def long_prompt_pairs(vocab_size: int, system: int) -> list[tuple[list, list, list]]:
+    """Four pairs whose prompts (12-18 tokens after `system` tokens every prompt begins with) are
+    long enough to be held once per pair."""
+    generator = torch.Generator().manual_seed(4)
+    block = random_tokens(generator, system, vocab_size)
+    sequences = []
+    for i in range(4):
+        prompt = block + random_tokens(generator, 12 + 2 * i, vocab_size)
+        trailer = random_tokens(generator, 1, vocab_size) if i % 2 else []
+        sequences.append((prompt, random_tokens(generator, 2 + 3 * i, vocab_size), trailer))
+        sequences.append((prompt, random_tokens(generator, 7 - i, vocab_size), trailer))
+    return sequences
+
+
+@pytest.mark.parametrize("case, system", [("dpo-sigmoid", 10), ("orpo", 0)])
+def test_a_pairs_prompt_is_computed_once_with_the_papers_loss_and_gradients(adapted, case, system):
+    """With share_prefix (finetune's default on a CPU), what every prompt begins with (a system
+    block) is one segment of the packed row, each pair's prompt after it another, and both answers
+    attend to them: the step still equals the papers' loss and gradients computed one unpacked
+    sequence at a time, over fewer tokens through the model."""
+    s = CASES[case]
+    sequences = long_prompt_pairs(adapted.config.vocab_size, system)
+    labels = pair_labels(sequences)
+    train = TrainConfig(loss_chunk_size=16, batch_size=8, micro_batch_size=8, eval_iters=2)
+    shared = Preference(settings_of(s), {"train": split_of(sequences, labels)}, train, CPU, NO_AUTOCAST,
+                        max_length=512, share_prefix=True)
+    batch = shared.batch("train", [0, 1, 2, 3])
+    if system:  # the block, then per pair: its prompt's rest (continuing the block), chosen, rejected
+        assert batch.packed.parents == (-1, 0, 1, 1, 0, 4, 4, 0, 7, 7, 0, 10, 10)
+        assert batch.packed.context_lengths[2] == 10 + 11 and batch.packed.segments[0] == (0, 10)
+    else:
+        assert batch.packed.parents == (-1, 0, 0, -1, 3, 3, -1, 6, 6, -1, 9, 9)
+    plain = objective_of(settings_of(s), split_of(sequences, labels)).batch("train", [0, 1, 2, 3])
+    held_once = 7 * system + sum(len(prompt) - system - 1 for prompt, _, _ in sequences[::2])
+    assert batch.n_tokens == plain.n_tokens and batch.n_computed == plain.n_computed - held_once
+
+    loss, _, grads = tunesmith_step(shared, adapted, [[2, 0], [1, 3]])
+    want_loss, want_grads, _ = paper_step(adapted, s, sequences, labels, reference_of_adapter(adapted),
+                                          [0, 1, 2, 3])
+    assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    assert_same_gradients(grads, want_grads, rtol=1e-5)
+    full = Preference(settings_of(s), {"train": split_of(sequences, labels)}, train, CPU, NO_AUTOCAST,
+                      max_length=512, share_prefix=True)  # a full fine-tune's stored references
+    with torch.no_grad():
+        want_references = paper_logps(adapted, sequences)
+    torch.testing.assert_close(compute_references(adapted, full, ["train"])["train"], want_references,
+                               rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------- held-out figures (evaluate) against the sums
 
 def test_held_out_pair_figures_are_the_papers_sums(adapted):

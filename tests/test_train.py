@@ -88,8 +88,9 @@ def test_a_shared_beginning_is_computed_once_with_the_same_loss_and_gradients(ll
     model.train()
     split = templated_split(model.config.vocab_size)
     shared, plain = pack(split, [0, 1, 2, 3], share_prefix=True), pack(split, [0, 1, 2, 3])
-    assert shared.prefix >= 12 and shared.n_tokens == plain.n_tokens
-    assert shared.n_computed == plain.n_tokens - 3 * shared.prefix and len(shared.segments) == 5
+    prefix = shared.segments[0][1]
+    assert prefix >= 12 and shared.parents == (-1, 0, 0, 0, 0) and shared.n_tokens == plain.n_tokens
+    assert shared.n_computed == plain.n_tokens - 3 * prefix and len(shared.segments) == 5
     losses, grads = [], []
     for batch in (shared, plain):
         model.zero_grad(set_to_none=True)
@@ -103,11 +104,11 @@ def test_a_shared_beginning_is_computed_once_with_the_same_loss_and_gradients(ll
         for ours, theirs in zip(sequence_logps(model, shared, 8), sequence_logps(model, plain, 8)):  # DPO's sums
             assert ours.shape == (4,)
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert pack(split, [0, 1, 2, 3], share_prefix=True).prefix == shared.prefix
-    assert pack(templated_split(model.config.vocab_size, 5), [0, 1], share_prefix=True).prefix == 0  # too short
+    assert pack(split, [0, 1, 2, 3], share_prefix=True).segments == shared.segments
+    assert pack(templated_split(model.config.vocab_size, 5), [0, 1], share_prefix=True).parents == ()  # too short
     long_rows = [(torch.cat([shared.input_ids[0, :12], torch.full((200,), token)]), torch.arange(212) > 100)
                  for token in (7, 8)]  # 12 tokens in common, 212 long
-    assert pack_sequences(long_rows, share_prefix=True).prefix == 0  # under an eighth of the rows: not worth a mask
+    assert pack_sequences(long_rows, share_prefix=True).parents == ()  # under an eighth of the rows: not worth a mask
 
 
 def test_ddp_sums_gradients_once_per_step_after_the_accumulated_micro_batches(llama, tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ In bf16 on a CPU a short piece is attended in fp32 (FP32_BELOW): torch's CPU fla
 forward and backward take about twice as long in bf16 as in fp32 for 64-166 tokens (the same at
 about 256-400, faster in bf16 from there; measured on an AMD EPYC with avx512_bf16).
 
-A row may begin with a prefix every example shares (train/batching.py): each example's queries then
-see the prefix's keys and values before their own, as if it were their own first tokens.
+A segment may continue a shared beginning, a segment of its own (train/batching.py: a system block
+every example of the row shares, or a preference pair's prompt): its queries then see that
+beginning's keys and values before their own, as if they were its own first tokens.
 
 Registered with transformers' AttentionInterface under VARLEN; train/kernels.py's
 `packed_attention(model)` switches a model to it (or to a CUDA kernel, train/varlen_cuda.py) only for
@@ -31,19 +32,20 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                      **kwargs):
     # query: (1, heads, T, head_dim); key, value: (1, kv_heads, T, head_dim)
     segments = kwargs.get("tunesmith_segments")
-    prefix = kwargs.get("tunesmith_prefix") or 0  # segments[0] is a beginning every segment shares
-    if prefix and sliding_window:
-        raise ValueError("a shared prefix cannot be combined with a sliding window")  # pack() never does
+    parents = kwargs.get("tunesmith_parents") or ()  # per segment: the shared beginning it continues, or -1
+    if parents and sliding_window:
+        raise ValueError("a shared beginning cannot be combined with a sliding window")  # pack() never does
     lengths = segment_lengths(segments, query.shape[2])
     groups = query.shape[1] // key.shape[1]
     pieces = list(zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)))
     dropout_p = dropout if module.training else 0.0
     outputs = []
     for index, (q, k, v) in enumerate(pieces):  # split, not slicing: its backward is one concatenation
-        if prefix and index > 0:  # the shared beginning's keys and values come first, as if they were its own
-            shared_k, shared_v = pieces[0][1], pieces[0][2]
-            k, v = torch.cat([shared_k, k], dim=2), torch.cat([shared_v, v], dim=2)
-            causal = {"attn_mask": _after_prefix(q.shape[2], prefix, q.device)}
+        context = ancestors(parents, index)
+        if context:  # the shared beginnings' keys and values come first, as if they were its own
+            k = torch.cat([pieces[a][1] for a in context] + [k], dim=2)
+            v = torch.cat([pieces[a][2] for a in context] + [v], dim=2)
+            causal = {"attn_mask": _after_prefix(q.shape[2], k.shape[2] - q.shape[2], q.device)}
         else:
             causal = _causal(q.shape[2], sliding_window, q.device)
         widen = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] < FP32_BELOW
@@ -55,6 +57,16 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         outputs.append(output.to(torch.bfloat16) if widen else output)
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (1, heads, T, head_dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def ancestors(parents: tuple[int, ...], index: int) -> list[int]:
+    """The shared beginnings segment `index` continues (parents: see train/batching.py's
+    PackedBatch), first one first."""
+    chain, parent = [], parents[index] if parents else -1
+    while parent >= 0:
+        chain.append(parent)
+        parent = parents[parent]
+    return chain[::-1]
 
 
 def _after_prefix(length: int, prefix: int, device) -> torch.Tensor:

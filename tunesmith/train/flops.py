@@ -43,11 +43,14 @@ class FlopModel:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
         return cls(trained, frozen, head.numel(), head.requires_grad, layers * heads * head_dim)
 
-    def step_flops(self, n_tokens: int, n_targets: int, segment_lengths: list[int], prefix: int = 0) -> float:
-        """n_tokens: tokens through the model; prefix: a shared first segment the others also attend to."""
+    def step_flops(self, n_tokens: int, n_targets: int, segment_lengths: list[int],
+                   context_lengths: list[int] | None = None) -> float:
+        """n_tokens: tokens through the model; context_lengths: per segment, the tokens of shared
+        beginnings it also attends to."""
         body = (6 * self.body_trained + 4 * self.body_frozen) * n_tokens
         head = (6 if self.head_trained else 4) * self.head_params * n_targets
-        pairs = sum(n * (n + 1) // 2 for n in segment_lengths) + prefix * sum(segment_lengths[1:] if prefix else [])
+        shared = sum(n * c for n, c in zip(segment_lengths, context_lengths or []))
+        pairs = sum(n * (n + 1) // 2 for n in segment_lengths) + shared
         attention = 3 * 4 * self.attention_width * pairs
         return float(body + head + attention)
 

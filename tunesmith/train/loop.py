@@ -54,7 +54,8 @@ class Window:
             self.tokens += batch.n_tokens  # the examples' tokens, a shared beginning counted in each
             self.targets += batch.n_targets
             self.flops += flop_model.step_flops(batch.n_computed, batch.n_targets,  # the work done
-                                                [end - start for start, end in batch.segments], batch.prefix)
+                                                [end - start for start, end in batch.segments],
+                                                batch.context_lengths)
         self.loss_sum = self.loss_sum + step_loss
         for key, value in (extra or {}).items():
             self.extra_sums[key] = self.extra_sums.get(key, 0.0) + value

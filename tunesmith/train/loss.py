@@ -203,9 +203,9 @@ def _token_logps(model, batch, chunk_size: int) -> torch.Tensor:
 
 def supervised_hidden(hf_model, batch) -> torch.Tensor:
     """Final hidden states at the positions that predict a supervised token: (n_targets, d)."""
-    if batch.prefix and hf_model.config._attn_implementation != VARLEN:
-        raise ValueError("a packed batch with a shared prefix needs packed_attention (the per-example loop)")
+    if batch.shares and hf_model.config._attn_implementation != VARLEN:
+        raise ValueError("a packed batch with a shared beginning needs packed_attention (the per-example loop)")
     out = hf_model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                              tunesmith_segments=batch.segments, tunesmith_prefix=batch.prefix)
+                              tunesmith_segments=batch.segments, tunesmith_parents=batch.parents)
     hidden = out.last_hidden_state[0]  # (T, d)
     return hidden[batch.predict_at]  # (n_targets, d): no logits for masked positions

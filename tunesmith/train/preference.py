@@ -2,7 +2,8 @@
 
 A micro batch packs the chosen and rejected answers of several pairs (or several KTO answers)
 into one row with per-example attention; log-probabilities are computed only at answer tokens,
-one chunk of logits at a time. Each sequence's log-probability is the sum over its answer
+one chunk of logits at a time. Where the per-example attention runs, a pair's prompt is held once
+and both its answers attend to it (train/batching.py's pack_groups). Each sequence's log-probability is the sum over its answer
 tokens (`logps`), its length the number of those tokens (`counts`).
 
 The reference model of DPO and KTO is the starting point of the run: for adapter methods the
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import PAIRED_METHODS
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.batching import PackedBatch, pack_sequences
+from tunesmith.train.batching import PackedBatch, pack_groups, pack_sequences
 from tunesmith.train.distributed import Group, accumulating
 from tunesmith.train.kernels import packed_attention
 from tunesmith.train.loss import inner, token_logps, unwrap
@@ -134,8 +135,17 @@ class PreferenceBatch:
         return self.packed.segments
 
     @property
-    def prefix(self) -> int:
-        return self.packed.prefix
+    def context_lengths(self) -> list[int]:
+        return self.packed.context_lengths
+
+
+def pack_units(settings: Settings, sequences: list[tuple[torch.Tensor, torch.Tensor]],
+               share_prefix: bool) -> PackedBatch:
+    """The sequences of whole units in one row: with share_prefix, each pair's prompt once, both of
+    its answers attending to it (KTO's answers: their common beginning, as for SFT)."""
+    if settings.paired:
+        return pack_groups([sequences[i:i + 2] for i in range(0, len(sequences), 2)], share_prefix)
+    return pack_sequences(sequences, share_prefix)
 
 
 def sequence_ids(settings: Settings, indices: list[int]) -> list[int]:
@@ -209,7 +219,7 @@ class Preference:
 
     def batch(self, split: str, indices: list[int]) -> PreferenceBatch:
         data, ids = self.splits[split], sequence_ids(self.settings, indices)
-        packed = pack_sequences([data.example(i) for i in ids], self.share_prefix).to(self.device)
+        packed = pack_units(self.settings, [data.example(i) for i in ids], self.share_prefix).to(self.device)
         desirable = data.labels[ids].bool().to(self.device)
         reference = self.references[split][ids].to(self.device) if self.references is not None else None
         batch = PreferenceBatch(packed, desirable, reference, units=len(indices))
@@ -339,10 +349,10 @@ def compute_references(model, objective: Preference, splits: list[str]) -> dict[
         if objective.settings.method == "kto":
             sequences[f"{split}_kl"] = [mismatched(data, i, objective.max_length) for i in range(len(data))]
         for key, rows in sequences.items():
-            values = []
-            for start in range(0, len(rows), objective.train_cfg.micro_batch_size):
-                packed = pack_sequences(rows[start: start + objective.train_cfg.micro_batch_size],
-                                        objective.share_prefix).to(objective.device)
+            values, size = [], len(sequence_ids(objective.settings, list(range(objective.train_cfg.micro_batch_size))))
+            for start in range(0, len(rows), size):  # a training micro batch's sequences: whole pairs
+                packed = pack_units(objective.settings, rows[start: start + size],
+                                    objective.share_prefix).to(objective.device)
                 with packed_attention(unwrap(model)), objective.autocast:
                     values.append(sequence_logps(model, packed, objective.train_cfg.loss_chunk_size)[0].float().cpu())
             out[key] = torch.cat(values) if values else torch.zeros(0)
