@@ -434,13 +434,19 @@ def test_a_pairs_prompt_is_computed_once_with_the_papers_loss_and_gradients(adap
 
 # ---------------------------------------------------------------- held-out figures (evaluate) against the sums
 
-def test_held_out_pair_figures_are_the_papers_sums(adapted):
-    """evaluate's figures of a paired run (packed, in micro batches of 3 sequences, so a pair may be
-    cut across two) from one plain forward per sequence."""
+def test_held_out_pair_figures_are_the_papers_sums(adapted, monkeypatch):
+    """evaluate's figures of a paired run (packed in micro batches of 3 sequences, rounded up to whole
+    pairs; the prompts of 9-13 tokens, pairs 3-5, are held once) from one plain forward per sequence."""
+    from tunesmith.evaluate import preference as evaluate_preference
     from tunesmith.evaluate.preference import preference_scores
+    from tunesmith.train.batching import pack_groups
 
     sequences = synthetic_pairs(adapted.config.vocab_size, n_pairs=6)
+    packed = []  # the rows it packs
+    monkeypatch.setattr(evaluate_preference, "pack_groups",
+                        lambda groups, share: packed.append(pack_groups(groups, share)) or packed[-1])
     scores = preference_scores(adapted, split_of(sequences, pair_labels(sequences)), True, CPU, micro_batch_size=3)
+    assert [batch.parents for batch in packed] == [(), (-1, -1, -1, 2, 2), (-1, 0, 0, -1, 3, 3)]
     with torch.no_grad():
         logps = paper_logps(adapted, sequences)
     lengths = torch.tensor([float(len(answer)) for _, answer, _ in sequences])

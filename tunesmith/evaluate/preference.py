@@ -17,20 +17,23 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.batching import pack
+from tunesmith.train.batching import pack_groups
 from tunesmith.train.kernels import packed_attention, shares_prefixes
 from tunesmith.train.loss import unwrap
 from tunesmith.train.preference import _answer_start, sequence_logps
 
 
 @torch.no_grad()
-def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: int = 8
+def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: int = 8, paired: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs and answer lengths of every sequence of the split: (n,), (n,)."""
+    """Summed answer log-probs and answer lengths of every sequence of the split: (n,), (n,).
+    Paired: micro batches of whole pairs, each pair's prompt held once (as in training)."""
     sums, counts = [], []
-    for start in range(0, len(split), micro_batch_size):
-        batch = pack(split, list(range(start, min(start + micro_batch_size, len(split)))),
-                     shares_prefixes(unwrap(model))).to(device)
+    share, size = shares_prefixes(unwrap(model)), micro_batch_size + (micro_batch_size % 2 if paired else 0)
+    for start in range(0, len(split), size):
+        sequences = [split.example(i) for i in range(start, min(start + size, len(split)))]
+        groups = [sequences[i:i + 2] for i in range(0, len(sequences), 2)] if paired else [sequences]
+        batch = pack_groups(groups, share).to(device)
         with packed_attention(unwrap(model)):
             total, count = sequence_logps(model, batch, 1024)
         sums.append(total.float().cpu())
@@ -39,7 +42,7 @@ def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: i
 
 
 def preference_scores(model, split: TokenizedSplit, paired: bool, device, micro_batch_size: int = 8) -> dict:
-    sums, counts = all_sequence_logps(model, split, device, micro_batch_size)
+    sums, counts = all_sequence_logps(model, split, device, micro_batch_size, paired)
     good = split.labels.bool()
     test_loss = float(-sums[good].sum() / counts[good].sum().clamp(min=1))
     per_token = sums / counts.clamp(min=1)
