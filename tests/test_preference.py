@@ -439,12 +439,12 @@ def test_held_out_pair_figures_are_the_papers_sums(adapted, monkeypatch):
     pairs; the prompts of 9-13 tokens, pairs 3-5, are held once) from one plain forward per sequence."""
     from tunesmith.evaluate import preference as evaluate_preference
     from tunesmith.evaluate.preference import preference_scores
-    from tunesmith.train.batching import pack_groups
+    from tunesmith.train.preference import pack_units
 
     sequences = synthetic_pairs(adapted.config.vocab_size, n_pairs=6)
     packed = []  # the rows it packs
-    monkeypatch.setattr(evaluate_preference, "pack_groups",
-                        lambda groups, share: packed.append(pack_groups(groups, share)) or packed[-1])
+    monkeypatch.setattr(evaluate_preference, "pack_units",
+                        lambda paired, rows, share: packed.append(pack_units(paired, rows, share)) or packed[-1])
     scores = preference_scores(adapted, split_of(sequences, pair_labels(sequences)), True, CPU, micro_batch_size=3)
     assert [batch.parents for batch in packed] == [(), (-1, -1, -1, 2, 2), (-1, 0, 0, -1, 3, 3)]
     with torch.no_grad():

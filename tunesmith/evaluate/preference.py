@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.dataset import TokenizedSplit
-from tunesmith.train.batching import pack_groups
 from tunesmith.train.kernels import packed_attention, shares_prefixes
 from tunesmith.train.loss import unwrap
-from tunesmith.train.preference import _answer_start, sequence_logps
+from tunesmith.train.preference import _answer_start, pack_units, sequence_logps
 
 
 @torch.no_grad()
@@ -32,8 +31,7 @@ def all_sequence_logps(model, split: TokenizedSplit, device, micro_batch_size: i
     share, size = shares_prefixes(unwrap(model)), micro_batch_size + (micro_batch_size % 2 if paired else 0)
     for start in range(0, len(split), size):
         sequences = [split.example(i) for i in range(start, min(start + size, len(split)))]
-        groups = [sequences[i:i + 2] for i in range(0, len(sequences), 2)] if paired else [sequences]
-        batch = pack_groups(groups, share).to(device)
+        batch = pack_units(paired, sequences, share).to(device)
         with packed_attention(unwrap(model)):
             total, count = sequence_logps(model, batch, 1024)
         sums.append(total.float().cpu())

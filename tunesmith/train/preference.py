@@ -139,11 +139,11 @@ class PreferenceBatch:
         return self.packed.context_lengths
 
 
-def pack_units(settings: Settings, sequences: list[tuple[torch.Tensor, torch.Tensor]],
-               share_prefix: bool) -> PackedBatch:
-    """The sequences of whole units in one row: with share_prefix, each pair's prompt once, both of
-    its answers attending to it (KTO's answers: their common beginning, as for SFT)."""
-    if settings.paired:
+def pack_units(paired: bool, sequences: list[tuple[torch.Tensor, torch.Tensor]], share_prefix: bool) -> PackedBatch:
+    """Sequences in one row, pairs (chosen, rejected) whole when paired: with share_prefix, each
+    pair's prompt once, both of its answers attending to it (KTO's answers: their common beginning,
+    as for SFT)."""
+    if paired:
         return pack_groups([sequences[i:i + 2] for i in range(0, len(sequences), 2)], share_prefix)
     return pack_sequences(sequences, share_prefix)
 
@@ -219,7 +219,7 @@ class Preference:
 
     def batch(self, split: str, indices: list[int]) -> PreferenceBatch:
         data, ids = self.splits[split], sequence_ids(self.settings, indices)
-        packed = pack_units(self.settings, [data.example(i) for i in ids], self.share_prefix).to(self.device)
+        packed = pack_units(self.settings.paired, [data.example(i) for i in ids], self.share_prefix).to(self.device)
         desirable = data.labels[ids].bool().to(self.device)
         reference = self.references[split][ids].to(self.device) if self.references is not None else None
         batch = PreferenceBatch(packed, desirable, reference, units=len(indices))
@@ -349,10 +349,10 @@ def compute_references(model, objective: Preference, splits: list[str]) -> dict[
         if objective.settings.method == "kto":
             sequences[f"{split}_kl"] = [mismatched(data, i, objective.max_length) for i in range(len(data))]
         for key, rows in sequences.items():
-            values, size = [], len(sequence_ids(objective.settings, list(range(objective.train_cfg.micro_batch_size))))
-            for start in range(0, len(rows), size):  # a training micro batch's sequences: whole pairs
-                packed = pack_units(objective.settings, rows[start: start + size],
-                                    objective.share_prefix).to(objective.device)
+            paired = objective.settings.paired
+            values, size = [], objective.train_cfg.micro_batch_size * (2 if paired else 1)  # a training micro batch
+            for start in range(0, len(rows), size):
+                packed = pack_units(paired, rows[start: start + size], objective.share_prefix).to(objective.device)
                 with packed_attention(unwrap(model)), objective.autocast:
                     values.append(sequence_logps(model, packed, objective.train_cfg.loss_chunk_size)[0].float().cpu())
             out[key] = torch.cat(values) if values else torch.zeros(0)
